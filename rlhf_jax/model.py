@@ -1,0 +1,251 @@
+"""Decoder-only Transformer (GPT-2 and LLaMA families) with a KV-cache decode path.
+
+Dimension letters used in names throughout the package:
+  B batch, L sequence (query) length, S key length (cache slots), T response/rollout length,
+  P prompt length, V vocab, D model width, H query heads, K key/value heads (K divides H),
+  G query heads per kv head (H // K), E head dim (D // H), F MLP hidden width.
+
+`Transformer(cfg).apply({"params": p}, tokens_BxL)` returns `(logits_BxLxV, h_BxLxD)` where `h` is the
+final-normed hidden state (what `ScalarHead` reads for reward and value). Packed sequences pass
+`segment_ids_BxL` (0 = padding, documents numbered from 1) and `positions_BxL`; attention is causal by
+slot index and never crosses a segment. Decode mode (`decode=True`, `mutable=["cache"]`) writes keys,
+values and segment ids into a cache of S slots and attends over it, so prefill + one-token steps give
+the full forward's logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+FAMILIES = ("gpt2", "llama")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Architecture of one decoder-only model; the model never sees a ConfigDict."""
+  vocab_size: int  # V
+  d_model: int  # D
+  num_heads: int  # H
+  num_kv_heads: int  # K (== H for multi-head attention, < H for grouped-query attention)
+  d_ff: int  # F
+  num_layers: int  # number of Transformer blocks
+  max_len: int  # longest sequence (positions table / RoPE range)
+  family: str = "gpt2"  # "gpt2": LayerNorm, learned positions, GELU-tanh, biases; "llama": RMSNorm, RoPE, SwiGLU
+  tie_embeddings: bool = True  # output projection shares the token embedding
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0  # llama only
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"  # parameter storage dtype
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"TransformerConfig.family={self.family!r}; expected one of {FAMILIES}")
+    for field in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "d_ff", "num_layers", "max_len"):
+      if getattr(self, field) <= 0:
+        raise ValueError(f"TransformerConfig.{field}={getattr(self, field)} must be positive")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"TransformerConfig.d_model={self.d_model} not divisible by num_heads={self.num_heads}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"TransformerConfig.num_heads={self.num_heads} not divisible by "
+                       f"num_kv_heads={self.num_kv_heads}")
+    for field in ("dtype", "param_dtype"):
+      if getattr(self, field) not in _DTYPES:
+        raise ValueError(f"TransformerConfig.{field}={getattr(self, field)!r}; expected one of {list(_DTYPES)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def use_bias(self) -> bool:
+    return self.family == "gpt2"
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":
+    """Builds a config from a mapping (e.g. a ConfigDict's `to_dict()`), rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown model config fields {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+def _dense(cfg: TransformerConfig, features, name: str, axis=-1, use_bias=None) -> nn.DenseGeneral:
+  return nn.DenseGeneral(
+      features, axis=axis, use_bias=cfg.use_bias if use_bias is None else use_bias, dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  if cfg.family == "llama":
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name)
+
+
+def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF LLaMA convention (rotate halves): x·cos(pθ) + rotate_half(x)·sin(pθ)."""
+  half = x_BxLxNxE.shape[-1] // 2
+  inv_freq_E2 = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_E2
+  cos = jnp.cos(angles_BxLxE2)[:, :, None, :]
+  sin = jnp.sin(angles_BxLxE2)[:, :, None, :]
+  x1, x2 = x_BxLxNxE[..., :half].astype(jnp.float32), x_BxLxNxE[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxE.dtype)
+
+
+def attention_mask(q_idx_L, k_idx_S, q_seg_BxL, k_seg_BxS) -> jax.Array:
+  """Boolean BxLxS mask: key slot <= query slot (causal) and same non-padding segment."""
+  causal_LxS = k_idx_S[None, :] <= q_idx_L[:, None]
+  same_BxLxS = (q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]) & (k_seg_BxS[:, None, :] != 0)
+  return causal_LxS[None] & same_BxLxS
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query causal self-attention with an optional KV cache."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, decode: bool):
+    cfg = self.cfg
+    H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q_BxLxHxE = _dense(cfg, (H, E), "q")(x_BxLxD)
+    k_BxLxKxE = _dense(cfg, (K, E), "k")(x_BxLxD)
+    v_BxLxKxE = _dense(cfg, (K, E), "v")(x_BxLxD)
+    if cfg.family == "llama":
+      q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
+      k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
+    B, L = x_BxLxD.shape[:2]
+    q_idx_L = jnp.arange(L)
+    if decode:
+      k_BxSxKxE, v_BxSxKxE, k_seg_BxS, q_idx_L = self._update_cache(k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
+    else:
+      k_BxSxKxE, v_BxSxKxE, k_seg_BxS = k_BxLxKxE, v_BxLxKxE, segment_ids_BxL
+    S = k_BxSxKxE.shape[1]
+    mask_BxLxS = attention_mask(q_idx_L, jnp.arange(S), segment_ids_BxL, k_seg_BxS)
+    q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
+    logits_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
+                                  preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
+    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
+    out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS, v_BxSxKxE)
+    return _dense(cfg, cfg.d_model, "o", axis=(-2, -1))(out_BxLxKxGxE.reshape(B, L, H, E))
+
+  def _update_cache(self, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
+    """Writes L new slots at the cache index; returns the whole cache and the new slots' indices."""
+    initialized = self.has_variable("cache", "key")
+    key = self.variable("cache", "key", jnp.zeros, k_BxLxKxE.shape, k_BxLxKxE.dtype)
+    value = self.variable("cache", "value", jnp.zeros, v_BxLxKxE.shape, v_BxLxKxE.dtype)
+    seg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids_BxL.shape, jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+    L = k_BxLxKxE.shape[1]
+    q_idx_L = index.value + jnp.arange(L)
+    if initialized:
+      start = (0, index.value, 0, 0)
+      key.value = jax.lax.dynamic_update_slice(key.value, k_BxLxKxE.astype(key.value.dtype), start)
+      value.value = jax.lax.dynamic_update_slice(value.value, v_BxLxKxE.astype(value.value.dtype), start)
+      seg.value = jax.lax.dynamic_update_slice(seg.value, segment_ids_BxL.astype(jnp.int32), (0, index.value))
+      index.value = index.value + L
+    return key.value, value.value, seg.value, q_idx_L
+
+
+class Mlp(nn.Module):
+  """GELU-tanh MLP (gpt2) or SwiGLU (llama)."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    if cfg.family == "llama":
+      gate_BxLxF = _dense(cfg, cfg.d_ff, "gate")(x_BxLxD)
+      up_BxLxF = _dense(cfg, cfg.d_ff, "up")(x_BxLxD)
+      return _dense(cfg, cfg.d_model, "down")(nn.silu(gate_BxLxF) * up_BxLxF)
+    h_BxLxF = nn.gelu(_dense(cfg, cfg.d_ff, "fc_in")(x_BxLxD), approximate=True)
+    return _dense(cfg, cfg.d_model, "fc_out")(h_BxLxF)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, decode: bool):
+    x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(
+        _norm(self.cfg, "attn_norm")(x_BxLxD), positions_BxL, segment_ids_BxL, decode)
+    return x_BxLxD + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x_BxLxD))
+
+
+class Transformer(nn.Module):
+  """Decoder-only language model: tokens_BxL -> (logits_BxLxV in float32, h_BxLxD)."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode: bool = False):
+    cfg = self.cfg
+    if tokens_BxL.shape[1] > cfg.max_len:
+      raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds TransformerConfig.max_len={cfg.max_len}")
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
+    if positions_BxL is None:
+      if decode:
+        raise ValueError("decode=True needs explicit positions_BxL (the slot's position in its sequence)")
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                     embedding_init=nn.initializers.normal(0.02), name="embed")
+    x_BxLxD = embed(tokens_BxL)
+    if cfg.family == "gpt2":
+      x_BxLxD = x_BxLxD + nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                                   embedding_init=nn.initializers.normal(0.01), name="pos_embed")(positions_BxL)
+    for i in range(cfg.num_layers):
+      x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL, decode)
+    h_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
+    if cfg.tie_embeddings:
+      logits_BxLxV = embed.attend(h_BxLxD)
+    else:
+      logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)(h_BxLxD)
+    return logits_BxLxV.astype(jnp.float32), h_BxLxD
+
+
+class ScalarHead(nn.Module):
+  """Dense D -> 1 on the hidden state: per-token scalars_BxL (reward or value)."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, h_BxLxD):
+    out_BxLx1 = nn.Dense(1, dtype=jnp.float32, param_dtype=self.cfg.jnp_param_dtype,
+                         kernel_init=nn.initializers.normal(1.0 / (self.cfg.d_model + 1) ** 0.5),
+                         name="dense")(h_BxLxD.astype(jnp.float32))
+    return out_BxLx1[..., 0]
+
+
+def init_params(cfg: TransformerConfig, rng: jax.Array) -> dict:
+  """Randomly initialised Transformer params (built from a length-1 dummy batch)."""
+  return Transformer(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> dict:
+  """Empty KV cache of `length` slots per row (zeros; index 0), without running the model."""
+  if length > cfg.max_len:
+    raise ValueError(f"cache length {length} exceeds TransformerConfig.max_len={cfg.max_len}")
+  shapes = jax.eval_shape(lambda: Transformer(cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((batch_size, length), jnp.int32),
+      jnp.zeros((batch_size, length), jnp.int32), decode=True)["cache"])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def param_count(params) -> int:
+  """Total number of parameters in a pytree."""
+  return sum(x.size for x in jax.tree.leaves(params))
