@@ -1,0 +1,81 @@
+"""orbax checkpoints: save/restore the train state with the data position; params-only init for the next stage.
+
+Resume order used by every stage: an existing checkpoint in the workdir > `init_from` (another stage's
+workdir or an `hf:` directory, params only) > scratch.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Checkpointer:
+  """An orbax CheckpointManager over `workdir/checkpoints` saving {state, extra (JSON: data position, meta)}."""
+
+  def __init__(self, workdir: str, keep: int = 2, create: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, extra: dict) -> None:
+    """Saves host copies of `state` and the JSON-able `extra` at `step` (atomic: written then renamed)."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)))
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores (state shaped like `abstract_state`, extra) saved at `step`."""
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+    return out["state"], out["extra"]
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds at least one finished checkpoint."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  return os.path.isdir(directory) and Checkpointer(workdir, create=False).latest_step() is not None
+
+
+def load_params(workdir: str, key: str = "params") -> tuple[Any, dict]:
+  """The `state[key]` tree (numpy) and extra JSON of the latest checkpoint in another stage's `workdir`."""
+  if not has_checkpoint(workdir):
+    raise ValueError(f"init_from={workdir!r}: no checkpoint found under {os.path.join(workdir, CHECKPOINT_DIR)}")
+  ckpt = Checkpointer(workdir, create=False)
+  step = ckpt.latest_step()
+  out = ckpt.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), extra=ocp.args.JsonRestore()))
+  ckpt.close()
+  state = out["state"]
+  if key not in state:
+    raise ValueError(f"init_from={workdir!r}: checkpoint state has no {key!r} (has {sorted(state)})")
+  return jax.tree.map(np.asarray, state[key]), out["extra"]
+
+
+def check_same_structure(expected: Any, got: Any, source: str) -> None:
+  """ValueError naming the first missing/extra parameter or shape mismatch between two param trees."""
+  exp = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(got)}
+  missing, extra = sorted(set(exp) - set(have)), sorted(set(have) - set(exp))
+  if missing or extra:
+    raise ValueError(f"{source}: parameters differ from the configured model (different architecture?): "
+                     f"missing {missing[:5]}, unexpected {extra[:5]}")
+  for name, shape in exp.items():
+    if have[name] != shape:
+      raise ValueError(f"{source}: parameter {name} has shape {have[name]}, the configured model expects {shape} "
+                       f"(different architecture?)")

@@ -1,0 +1,179 @@
+"""TrainState, the generic per-device `train_step`, and the `train_loop` shared by pretraining, SFT and the RM.
+
+Loss contract: `loss_fn(params, batch, rng) -> (loss_sum, aux)` where `aux` maps metric names to
+`(sum, count)` pairs and `aux["loss"] == (loss_sum, count)`. The step divides the device-mean gradient of the
+sum by the device-mean count, which equals the gradient of the global mean loss whatever the padding per device.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from rlhf_jax import checkpoint, metrics, parallel
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+class TrainState(train_state.TrainState):
+  """flax TrainState plus the base RNG key every step folds its step number into."""
+  rng: jax.Array
+
+
+def create_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """A fresh TrainState (step 0) for `params` and optimizer `tx`."""
+  return TrainState.create(apply_fn=None, params=params, tx=tx, rng=jax.random.PRNGKey(seed))
+
+
+def step_rng(state: TrainState) -> jax.Array:
+  """This step's and this device's key: fold_in(fold_in(rng, step), device index)."""
+  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), parallel.device_index())
+
+
+def mean_grads(loss_fn: LossFn, params, batch, rng):
+  """(aux, grads of the global mean loss): value_and_grad of the summed loss, pmean, divide by the mean count."""
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+  grads = parallel.pmean(grads)
+  count = parallel.pmean(jnp.asarray(aux["loss"][1], jnp.float32))
+  return aux, jax.tree.map(lambda g: g / jnp.maximum(count, 1e-9), grads)
+
+
+def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainState, dict]:
+  """One optimizer update on this device's shard (run under `parallel.pmap`); metrics psummed (sum, count)."""
+  aux, grads = mean_grads(loss_fn, state.params, batch, step_rng(state))
+  state = state.apply_gradients(grads=grads)
+  sums = parallel.psum(aux)
+  sums["grad_norm"] = (optax.tree.norm(grads), jnp.float32(1.0))  # identical on every device after pmean
+  return state, sums
+
+
+def eval_step(params, batch: dict, loss_fn: LossFn) -> dict:
+  """Loss metrics on this device's shard with a fixed key, psummed as (sum, count)."""
+  _, aux = loss_fn(params, batch, jax.random.PRNGKey(0))
+  return parallel.psum(aux)
+
+
+def evaluate(p_eval: Callable, params_R, batches: Iterable[dict]) -> dict[str, float]:
+  """Runs a finite pass of eval batches and returns the summarized metrics."""
+  total = None
+  for batch in batches:
+    sums = jax.device_get(p_eval(params_R, parallel.shard_batch(batch, "eval batch")))
+    sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
+    total = sums if total is None else jax.tree.map(np.add, total, sums)
+  return metrics.summarize(total) if total is not None else {}
+
+
+def poison(batch: dict) -> dict:
+  """Test-only fault injection: every float array of the batch set to NaN (so the loss becomes NaN)."""
+  return {k: np.full_like(v, np.nan) if np.issubdtype(np.asarray(v).dtype, np.floating) else v
+          for k, v in batch.items()}
+
+
+def count_tokens(batch: dict) -> float:
+  """Non-pad tokens of a batch (segment ids > 0), for tokens/s."""
+  seg = batch.get("segment_ids")
+  return float(np.count_nonzero(seg)) if seg is not None else 0.0
+
+
+def train_config(num_steps: int = 200) -> ml_collections.ConfigDict:
+  """The `cfg.train` group shared by pretraining, SFT and RM configs."""
+  t = ml_collections.ConfigDict()
+  t.num_steps = num_steps  # train_step calls (micro-batches; optimizer updates = num_steps / opt.grad_accum)
+  t.seed = 0  # init and step RNG
+  t.log_every = 10  # steps between metrics.jsonl / TensorBoard rows
+  t.eval_every = 100  # steps between evaluations (0 = only at the end)
+  t.eval_batches = 8  # max eval batches per evaluation (0 = whole eval split)
+  t.checkpoint_every = 100  # steps between checkpoints (the last step is always saved)
+  t.keep_checkpoints = 2  # checkpoints kept in workdir/checkpoints
+  t.init_from = ""  # another stage's workdir, or hf:/path/to/hf_dir (params only; ignored when resuming)
+  t.nan_at_step = -1  # test-only fault injection: poison the batch of this step with NaN (-1 = off)
+  return t
+
+
+def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: LossFn,
+               scratch_state: Callable[[], TrainState], train_loader, eval_batches: Callable[[], Iterator[dict]]
+               | None = None, init_from_params: Callable[[Any], Any] | None = None, meta: dict | None = None,
+               stage: str = "train") -> tuple[TrainState, dict]:
+  """Trains `train_cfg.num_steps` steps with eval, checkpoints, auto-resume, metrics; returns (host state, last metrics).
+
+  Resume order: checkpoint in `workdir` > `init_from_params(fresh_params)` > `scratch_state()`.
+  `train_loader` yields global host batches and has `get_state()`/`set_state()` (saved with each checkpoint).
+  """
+  # ---- state: resume > init_from > scratch
+  ckpt = checkpoint.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, extra = ckpt.restore(start, jax.eval_shape(scratch_state))
+    train_loader.set_state(extra["data"])
+    logging.info("%s: resumed from %s at step %d", stage, ckpt.directory, start)
+  else:
+    start, state = 0, scratch_state()
+    if init_from_params is not None:
+      state = state.replace(params=init_from_params(state.params))
+  if start >= train_cfg.num_steps:
+    logging.info("%s: already finished (%d steps)", stage, start)
+    ckpt.close()
+    return state, {}
+
+  # ---- compiled steps
+  p_train = parallel.pmap(functools.partial(train_step, loss_fn=loss_fn), donate_argnums=(0,))
+  p_eval = parallel.pmap(functools.partial(eval_step, loss_fn=loss_fn))
+  state_R = parallel.replicate(state)
+  writer = metrics.MetricWriter(workdir, resume_step=start)
+  progress = metrics.Progress(train_cfg.num_steps, start)
+  last: dict[str, float] = {}
+
+  def finish(step, sums, tokens):
+    """Fetches a dispatched step's metrics, stops on NaN/Inf, logs."""
+    nonlocal last
+    last = metrics.summarize(jax.tree.map(lambda x: x[0], sums))
+    metrics.check_finite(last, step, stage)
+    line = progress.update(step, tokens)
+    if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
+      writer.write(step, last, prefix="train_")
+      logging.info("%s %s  loss %.4f", stage, line, last["loss"])
+
+  def run_eval(step):
+    if eval_batches is None:
+      return
+    t0 = time.perf_counter()
+    result = evaluate(p_eval, state_R.params, eval_batches())
+    metrics.check_finite(result, step, f"{stage} eval")
+    writer.write(step, result, prefix="eval_")
+    logging.info("%s eval step %d: %s (%.1fs)", stage, step, result, time.perf_counter() - t0)
+
+  # ---- loop: dispatch step N, then fetch step N-1's metrics (async); pending saves finish even on error
+  try:
+    pending = None
+    for step in range(start + 1, train_cfg.num_steps + 1):
+      batch = next(train_loader)
+      if step == train_cfg.nan_at_step:
+        batch = poison(batch)
+      state_R, sums = p_train(state_R, parallel.shard_batch(batch, "data.batch_size"))
+      if pending is not None:
+        finish(*pending)
+      pending = (step, sums, count_tokens(batch))
+      save = step % train_cfg.checkpoint_every == 0 or step == train_cfg.num_steps
+      if save or (train_cfg.eval_every and step % train_cfg.eval_every == 0):
+        finish(*pending)
+        pending = None
+      if train_cfg.eval_every and step % train_cfg.eval_every == 0 or step == train_cfg.num_steps:
+        run_eval(step)
+      if save:
+        ckpt.save(step, parallel.unreplicate(state_R), {"data": train_loader.get_state(), "meta": meta or {}})
+    if pending is not None:
+      finish(*pending)
+  finally:
+    ckpt.close()
+    writer.close()
+  last.update(progress.rates(train_cfg.num_steps))
+  logging.info("%s: done at step %d: %s", stage, train_cfg.num_steps, last)
+  return parallel.unreplicate(state_R), last

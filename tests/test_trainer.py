@@ -1,0 +1,161 @@
+"""Shared trainer: device equivalence, gradient accumulation, resume, NaN guard, masked LM loss."""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from rlhf_jax import losses, metrics, optimizer, parallel, trainer
+from rlhf_jax.model import TransformerConfig, init_params
+
+CFG = TransformerConfig(vocab_size=32, d_model=16, num_heads=2, num_kv_heads=2, d_ff=32, num_layers=1, max_len=16)
+
+
+def _batch(seed, B=8, L=12, pad=True):
+  """A packed-looking LM batch with rows of different padding (so devices see different token counts)."""
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(0, 32, (B, L + 1)).astype(np.int32)
+  seg = np.ones((B, L), np.int32)
+  if pad:
+    for b in range(B):
+      seg[b, L - (b * 3) % L // 2:] = 0
+    seg[:, 5:] += seg[:, 5:] > 0  # two documents per row
+  pos = np.zeros((B, L), np.int32)
+  for b in range(B):
+    for t in range(1, L):
+      pos[b, t] = pos[b, t - 1] + 1 if seg[b, t] == seg[b, t - 1] else 0
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": pos, "segment_ids": seg,
+          "loss_mask": (seg > 0).astype(np.float32)}
+
+
+def _opt(**kw):
+  opt = optimizer.default_config(lr=1e-2)
+  opt.schedule, opt.warmup_steps, opt.weight_decay = "constant", 0, 0.0
+  opt.update(kw)
+  return opt
+
+
+def _state(opt):
+  return trainer.create_state(init_params(CFG, jax.random.PRNGKey(0)), optimizer.make_optimizer(opt, 10), seed=0)
+
+
+LOSS = functools.partial(losses.lm_loss, cfg=CFG)
+
+
+def _step_on(devices, state, batch):
+  n = len(devices)
+  p_step = jax.pmap(functools.partial(trainer.train_step, loss_fn=LOSS), axis_name=parallel.AXIS, devices=devices)
+  state_R = parallel.replicate(state, n)
+  sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+  new_R, sums = p_step(state_R, sharded)
+  return jax.tree.map(lambda x: np.asarray(x[0]), new_R), metrics.summarize(jax.tree.map(lambda x: x[0], sums))
+
+
+def test_four_devices_equal_one_device_on_the_full_batch():
+  assert jax.local_device_count() == 4
+  state = _state(_opt())
+  batch = _batch(0)
+  new4, m4 = _step_on(jax.local_devices(), state, batch)
+  new1, m1 = _step_on(jax.local_devices()[:1], state, batch)
+  for a, b in zip(jax.tree.leaves(new4.params), jax.tree.leaves(new1.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert abs(m4["loss"] - m1["loss"]) < 1e-5
+  # the loss is the mean over real tokens, not a mean of per-device means
+  logits, _ = jax.jit(lambda p: __import__("rlhf_jax.model").model.Transformer(CFG).apply(
+      {"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"]))(state.params)
+  logp = jax.nn.log_softmax(np.asarray(logits))
+  nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], -1)[..., 0]
+  expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+  assert abs(m4["loss"] - expected) < 1e-5
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  big = _batch(1, B=16, pad=False)
+  one_step, _ = _step_on(jax.local_devices(), _state(_opt()), big)
+  state = _state(_opt(grad_accum=4))
+  for i in range(4):
+    micro = jax.tree.map(lambda x: x[i * 4:(i + 1) * 4], big)
+    state, _ = _step_on(jax.local_devices(), state, micro)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one_step.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+class _Loader:
+  """Deterministic synthetic loader with a resumable position; can crash at a given position."""
+
+  def __init__(self, crash_at=-1):
+    self.position, self.crash_at = 0, crash_at
+
+  def __next__(self):
+    if self.position == self.crash_at:
+      raise KeyboardInterrupt("simulated preemption")
+    self.position += 1
+    return _batch(100 + self.position)
+
+  def get_state(self):
+    return {"position": self.position}
+
+  def set_state(self, d):
+    self.position = d["position"]
+
+
+def _train_cfg(**kw):
+  t = trainer.train_config(num_steps=6)
+  t.log_every, t.eval_every, t.checkpoint_every = 1, 0, 2
+  t.update(kw)
+  return t
+
+
+def _run(workdir, loader, **kw):
+  opt = _opt(schedule="cosine", warmup_steps=2)
+  return trainer.train_loop(
+      workdir=str(workdir), train_cfg=_train_cfg(**kw), loss_fn=LOSS, train_loader=loader,
+      scratch_state=lambda: trainer.create_state(init_params(CFG, jax.random.PRNGKey(0)),
+                                                 optimizer.make_optimizer(opt, 6), seed=0),
+      eval_batches=lambda: iter([_batch(7), _batch(8)]), stage="test")
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+  full, last = _run(tmp_path / "a", _Loader())
+  with pytest.raises(KeyboardInterrupt):
+    _run(tmp_path / "b", _Loader(crash_at=3))  # dies during step 4, after the step-2 checkpoint
+  resumed, _ = _run(tmp_path / "b", _Loader())
+  assert int(resumed.step) == 6
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(a, b)
+  rows = metrics.read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
+  train_steps = [r["step"] for r in rows if "train_loss" in r]
+  assert train_steps == [1, 2, 3, 4, 5, 6]  # rows written after the checkpoint were dropped on resume
+  assert any("eval_loss" in r for r in rows)
+  assert last["loss"] > 0 and np.isfinite(last["loss"])
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  with pytest.raises(metrics.NonFiniteLossError, match="at step 5"):
+    _run(tmp_path, _Loader(), nan_at_step=5)
+  from rlhf_jax import checkpoint
+  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 4
+  state, _ = _run(tmp_path, _Loader())  # restartable: resumes from step 4 and finishes
+  assert int(state.step) == 6
+
+
+def test_sft_mask_ignores_prompt_side_targets():
+  params = init_params(CFG, jax.random.PRNGKey(0))
+  batch = _batch(3, pad=False)
+  batch["loss_mask"][:, :4] = 0.0  # the first 4 targets are "prompt"
+  base, _ = LOSS(params, batch, None)
+  changed = dict(batch, targets=batch["targets"].copy())
+  changed["targets"][:, :4] = (changed["targets"][:, :4] + 5) % 32
+  again, _ = LOSS(params, changed, None)
+  assert float(base) == float(again)
+  changed["targets"][:, 6] = (changed["targets"][:, 6] + 5) % 32
+  assert float(LOSS(params, changed, None)[0]) != float(base)
+
+
+def test_batch_not_divisible_by_devices_names_the_field():
+  with pytest.raises(ValueError, match=r"data.batch_size=6 .*device count \(4\)"):
+    parallel.shard_batch(_batch(0, B=6), "data.batch_size")
