@@ -67,6 +67,16 @@ def load_params(workdir: str, key: str = "params") -> tuple[Any, dict]:
   return jax.tree.map(np.asarray, state[key]), out["extra"]
 
 
+def load_extra(workdir: str) -> dict:
+  """The JSON `extra` (data position, meta) of the latest checkpoint in `workdir`, without loading arrays."""
+  if not has_checkpoint(workdir):
+    raise ValueError(f"init_from={workdir!r}: no checkpoint found under {os.path.join(workdir, CHECKPOINT_DIR)}")
+  ckpt = Checkpointer(workdir, create=False)
+  out = ckpt.manager.restore(ckpt.latest_step(), args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+  ckpt.close()
+  return out["extra"]
+
+
 def check_same_structure(expected: Any, got: Any, source: str) -> None:
   """ValueError naming the first missing/extra parameter or shape mismatch between two param trees."""
   exp = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(expected)}

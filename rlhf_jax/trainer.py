@@ -171,9 +171,9 @@ def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: L
         ckpt.save(step, parallel.unreplicate(state_R), {"data": train_loader.get_state(), "meta": meta or {}})
     if pending is not None:
       finish(*pending)
+    last.update(progress.rates(train_cfg.num_steps))
   finally:
     ckpt.close()
     writer.close()
-  last.update(progress.rates(train_cfg.num_steps))
   logging.info("%s: done at step %d: %s", stage, train_cfg.num_steps, last)
   return parallel.unreplicate(state_R), last

@@ -1,0 +1,309 @@
+"""The supervised stages on the shared trainer: pretraining and SFT (next-token loss), and the reward model.
+
+Each `run_*(cfg, workdir)` validates its inputs before writing anything, resolves the model and tokenizer
+(resume > `train.init_from` > scratch), builds the loaders and calls `trainer.train_loop`. Every stage's
+workdir holds `tokenizer.model` and the model config in its checkpoints' metadata, so the next stage can
+start from it with only `--config.train.init_from=<workdir>`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from rlhf_jax import checkpoint, data, losses, optimizer, trainer
+from rlhf_jax.model import Transformer, TransformerConfig, init_params
+from rlhf_jax.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The `cfg.model` group: architecture for a run from scratch (a run with init_from takes the source's)."""
+  m = ml_collections.ConfigDict()
+  m.family = "gpt2"  # gpt2 (LayerNorm, learned positions, GELU) | llama (RMSNorm, RoPE, SwiGLU, GQA)
+  m.vocab_size = 0  # 0 = the tokenizer's vocab size; otherwise must equal it
+  m.d_model = 128  # D
+  m.num_heads = 4  # H
+  m.num_kv_heads = 4  # K (< H: grouped-query attention)
+  m.d_ff = 512  # F
+  m.num_layers = 2  # blocks
+  m.max_len = 128  # longest sequence (prompt + response)
+  m.tie_embeddings = True  # output projection shares the token embedding
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16
+  m.param_dtype = "float32"  # parameter dtype
+  return m
+
+
+def tokenizer_config() -> ml_collections.ConfigDict:
+  """The `cfg.tokenizer` group."""
+  t = ml_collections.ConfigDict()
+  t.path = ""  # sentencepiece model; "" = init_from's tokenizer, else train one on data.train into the workdir
+  t.vocab_size = 512  # when training one
+  t.model_type = "bpe"  # bpe | unigram | char | word
+  return t
+
+
+def lm_data_config(seq_len: int = 128, batch_size: int = 16) -> ml_collections.ConfigDict:
+  """The `cfg.data` group of the next-token stages."""
+  d = ml_collections.ConfigDict()
+  d.train = ""  # text file(s) (comma-separated; JSONL prompt/response for SFT) or tfds:NAME[:SPLIT]
+  d.eval = ""  # held-out file(s) in the same format ("" = no eval)
+  d.text_key = "text"  # feature holding the text in a registered TFDS dataset
+  d.seq_len = seq_len  # packed row length L (<= model.max_len)
+  d.batch_size = batch_size  # global rows per step (divisible by the device count)
+  d.seed = 0  # shuffling seed (order is a function of seed and epoch)
+  d.truncate = False  # SFT: cut long prompts from the left instead of raising
+  return d
+
+
+def _files(spec: str, field: str) -> list[str] | str:
+  """Comma-separated local files (each must exist and be non-empty) or a `tfds:` name, validated up front."""
+  if not spec:
+    raise ValueError(f"config {field} is empty: give a data file or tfds:NAME")
+  if spec.startswith("tfds:"):
+    return spec
+  files = [f for f in spec.split(",") if f]
+  for f in files:
+    if not os.path.isfile(f):
+      raise ValueError(f"config {field}: data file {f!r} does not exist")
+    if os.path.getsize(f) == 0:
+      raise ValueError(f"config {field}: data file {f!r} is empty")
+  return files
+
+
+@dataclasses.dataclass
+class Init:
+  """What a stage starts from: the model config, tokenizer and (optionally) a params loader for init_from."""
+  model: TransformerConfig
+  tokenizer: Tokenizer
+  params_fn: Callable[[], Any] | None = None
+  head_params: Any = None  # a reward model's ScalarHead params, when init_from is an RM workdir
+
+
+def _source_meta(workdir: str) -> dict:
+  """The metadata of the latest checkpoint of another stage's workdir."""
+  return checkpoint.load_extra(workdir).get("meta", {})
+
+
+def resolve_init(cfg: ml_collections.ConfigDict, workdir: str, train_files) -> Init:
+  """Model config + tokenizer: resume (own workdir) > train.init_from (workdir or hf:DIR) > scratch."""
+  source = cfg.train.init_from
+  own = checkpoint.has_checkpoint(workdir)
+  if own:
+    meta = _source_meta(workdir)
+    model = TransformerConfig.from_dict(meta["model"])
+    return Init(model, load_tokenizer(os.path.join(workdir, TOKENIZER_FILE)))
+  if source.startswith("hf:"):
+    from rlhf_jax import hf_import
+    model, params = hf_import.load_hf_checkpoint(source[3:])
+    tok = load_tokenizer(cfg.tokenizer.path or source[3:])
+    check_vocab(tok, model.vocab_size, f"{source} vocab_size")
+    return Init(model, tok, lambda: params)
+  if source:
+    meta = _source_meta(source)
+    if "model" not in meta:
+      raise ValueError(f"config train.init_from={source!r}: checkpoint has no model metadata")
+    model = TransformerConfig.from_dict(meta["model"])
+    tok = load_tokenizer(cfg.tokenizer.path or os.path.join(source, TOKENIZER_FILE))
+    check_vocab(tok, model.vocab_size, f"train.init_from={source!r} model.vocab_size")
+    params_fn = lambda: checkpoint.load_params(source)[0]
+    return Init(model, tok, params_fn)
+  tok = _scratch_tokenizer(cfg, workdir, train_files)
+  m = cfg.model.to_dict()
+  m["vocab_size"] = m["vocab_size"] or tok.vocab_size
+  model = TransformerConfig.from_dict(m)
+  check_vocab(tok, model.vocab_size, "config model.vocab_size")
+  return Init(model, tok)
+
+
+def _scratch_tokenizer(cfg, workdir: str, train_files) -> Tokenizer:
+  if cfg.tokenizer.path:
+    return load_tokenizer(cfg.tokenizer.path)
+  if isinstance(train_files, str):
+    raise ValueError("config tokenizer.path is required when data.train is a tfds: dataset")
+  os.makedirs(workdir, exist_ok=True)
+  prefix = os.path.join(workdir, "tokenizer")
+  return train_tokenizer(train_files, prefix, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type)
+
+
+def _install_tokenizer(tok: Tokenizer, workdir: str) -> None:
+  """Copies the tokenizer into the workdir, so the next stage finds it there."""
+  os.makedirs(workdir, exist_ok=True)
+  dest = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.abspath(tok.path) != os.path.abspath(dest):
+    shutil.copyfile(tok.path, dest)
+
+
+def checked_params_fn(init: Init, source: str) -> Callable[[Any], Any] | None:
+  """init_from loader that checks the loaded tree matches the configured model's."""
+  if init.params_fn is None:
+    return None
+
+  def load(fresh):
+    params = init.params_fn()
+    checkpoint.check_same_structure(fresh, params, f"config train.init_from={source!r}")
+    logging.info("initialised params from %s", source)
+    return jax.tree.map(lambda f, p: p.astype(f.dtype), fresh, params)
+
+  return load
+
+
+def _hosts() -> dict:
+  return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _eval_fn(make, eval_files, max_batches: int):
+  """A callable giving a fresh finite pass over the eval split (first `max_batches` batches; 0 = all)."""
+  if not eval_files:
+    return None
+  loader = make(eval_files, seed=0, train=False)
+  return lambda: itertools.islice(iter(loader), max_batches or None)
+
+
+def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
+  """Pretraining (`stage="pretrain"`, plain text) or SFT (`stage="sft"`, JSONL prompt/response) to completion."""
+  if stage not in ("pretrain", "sft"):
+    raise ValueError(f"run_lm stage={stage!r}; expected pretrain or sft")
+  train_files = _files(cfg.data.train, "data.train")
+  eval_files = _files(cfg.data.eval, "data.eval") if cfg.data.eval else None
+  init = resolve_init(cfg, workdir, train_files)
+  if cfg.data.seq_len > init.model.max_len:
+    raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={init.model.max_len}")
+  if stage == "pretrain":
+    make = functools.partial(data.make_lm_loader, text_key=cfg.data.text_key)
+  else:
+    make = functools.partial(data.make_sft_loader, truncate_prompt=cfg.data.truncate)
+  make = functools.partial(make, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
+                           batch_size=cfg.data.batch_size, workdir=workdir, **_hosts())
+  train_loader = make(train_files, seed=cfg.data.seed)
+  eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
+  _install_tokenizer(init.tokenizer, workdir)
+  tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
+  model = init.model
+  _, last = trainer.train_loop(
+      workdir=workdir, train_cfg=cfg.train, loss_fn=functools.partial(losses.lm_loss, cfg=model),
+      scratch_state=lambda: trainer.create_state(init_params(model, jax.random.PRNGKey(cfg.train.seed)), tx,
+                                                 cfg.train.seed),
+      train_loader=train_loader, eval_batches=eval_fn, init_from_params=checked_params_fn(init, cfg.train.init_from),
+      meta={"stage": stage, "model": dataclasses.asdict(model)}, stage=stage)
+  return last
+
+
+def reward_data_config(seq_len: int = 128, batch_size: int = 16) -> ml_collections.ConfigDict:
+  """The `cfg.data` group of the reward model."""
+  d = lm_data_config(seq_len, batch_size)
+  d.train = ""  # comparisons JSONL: {"prompt", "responses": [...], "ranking": [...]} or {"prompt","chosen","rejected"}
+  d.eval = ""  # held-out comparisons (pairwise accuracy)
+  d.max_responses = 4  # Kmax: responses per prompt in one batch element (records with more are an error)
+  d.normalize_on = ""  # demonstrations JSONL: shift scores so these average 0 (InstructGPT); "" = off
+  return d
+
+
+NORM_FILE = "reward_offset.json"
+
+
+def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None) -> dict:
+  """{"backbone", "head"}: the given (or random) Transformer params plus a new ScalarHead."""
+  import jax.numpy as jnp
+  from rlhf_jax.model import ScalarHead
+  k1, k2 = jax.random.split(rng)
+  head = ScalarHead(model).init(k2, jnp.zeros((1, 1, model.d_model), jnp.float32))["params"]
+  return {"backbone": backbone if backbone is not None else init_params(model, k1), "head": head}
+
+
+def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Reward model: SFT backbone + ScalarHead trained with Bradley–Terry on ranked comparisons."""
+  train_files = _files(cfg.data.train, "data.train")
+  eval_files = _files(cfg.data.eval, "data.eval") if cfg.data.eval else None
+  norm_files = _files(cfg.data.normalize_on, "data.normalize_on") if cfg.data.normalize_on else None
+  init = resolve_init(cfg, workdir, train_files)
+  model = init.model
+  if cfg.data.seq_len > model.max_len:
+    raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={model.max_len}")
+  make = functools.partial(data.make_comparison_loader, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
+                           batch_size=cfg.data.batch_size, max_responses=cfg.data.max_responses,
+                           truncate_prompt=cfg.data.truncate, workdir=workdir, **_hosts())
+  train_loader = make(train_files, seed=cfg.data.seed)
+  eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
+  _install_tokenizer(init.tokenizer, workdir)
+  tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
+  scratch = lambda: trainer.create_state(fresh_reward_params(model, jax.random.PRNGKey(cfg.train.seed)), tx,
+                                         cfg.train.seed)
+  backbone_fn = checked_params_fn(init, cfg.train.init_from)
+  init_fn = None
+  if backbone_fn is not None:
+    init_fn = lambda fresh: dict(fresh, backbone=backbone_fn(fresh["backbone"]))
+  state, last = trainer.train_loop(
+      workdir=workdir, train_cfg=cfg.train, loss_fn=functools.partial(losses.reward_loss, cfg=model),
+      scratch_state=scratch, train_loader=train_loader, eval_batches=eval_fn, init_from_params=init_fn,
+      meta={"stage": "reward", "model": dataclasses.asdict(model)}, stage="reward")
+  if norm_files and jax.process_index() == 0:
+    _write_offset(workdir, state.params, model, init.tokenizer, norm_files, cfg.data.seq_len)
+  return last
+
+
+def score_texts(reward_params, model: TransformerConfig, tok: Tokenizer, prompts: list[str], responses: list[str],
+                seq_len: int, batch_size: int = 32) -> np.ndarray:
+  """RM scores of (prompt, response) pairs (prompt cut from the left to fit seq_len), without any offset."""
+  score = jax.jit(functools.partial(losses.sequence_scores, cfg=model))
+  out = []
+  for lo in range(0, len(prompts), batch_size):
+    rows = [data.comparison_pieces({"prompt": p, "responses": [r], "ranking": [0], "origin": f"pair {lo + i}"},
+                                   tok, seq_len, 1, truncate=True)[0]
+            for i, (p, r) in enumerate(zip(prompts[lo:lo + batch_size], responses[lo:lo + batch_size]))]
+    pad = batch_size - len(rows)  # static shapes: one compilation
+    rows += [rows[0]] * pad
+    b = {k: np.stack([r[k][0] for r in rows]) for k in ("tokens", "positions", "segment_ids", "last_idx")}
+    s = score(reward_params, b["tokens"], b["positions"], b["segment_ids"], b["last_idx"])
+    out.append(np.asarray(s)[:len(rows) - pad])
+  return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _write_offset(workdir: str, params, model: TransformerConfig, tok: Tokenizer, files: list[str],
+                  seq_len: int) -> float:
+  """Writes the mean RM score of the demonstrations in `files` (subtracted from scores in RL) to NORM_FILE."""
+  records = [r for f in files for r in data.read_jsonl(f, "sft")]
+  scores = score_texts(params, model, tok, [r["prompt"] for r in records], [r["response"] for r in records],
+                       seq_len)
+  offset = float(np.mean(scores))
+  with open(os.path.join(workdir, NORM_FILE), "w") as f:
+    json.dump({"offset": offset, "num_demonstrations": len(records), "files": files}, f)
+  logging.info("reward offset %.4f over %d demonstrations", offset, len(records))
+  return offset
+
+
+def load_reward_model(workdir: str) -> tuple[TransformerConfig, Any, float]:
+  """(model config, {"backbone", "head"} params, score offset (0 when not normalised)) of an RM workdir."""
+  meta = _source_meta(workdir)
+  if meta.get("stage") != "reward":
+    raise ValueError(f"{workdir!r} is not a reward-model workdir (its checkpoint says stage={meta.get('stage')!r})")
+  params, _ = checkpoint.load_params(workdir)
+  offset = 0.0
+  norm = os.path.join(workdir, NORM_FILE)
+  if os.path.exists(norm):
+    with open(norm) as f:
+      offset = float(json.load(f)["offset"])
+  return TransformerConfig.from_dict(meta["model"]), params, offset
+
+
+def load_policy(workdir: str) -> tuple[TransformerConfig, Any, Tokenizer]:
+  """(model config, Transformer params, tokenizer) of a pretraining/SFT workdir (or hf:DIR)."""
+  if workdir.startswith("hf:"):
+    from rlhf_jax import hf_import
+    model, params = hf_import.load_hf_checkpoint(workdir[3:])
+    return model, params, load_tokenizer(workdir[3:])
+  meta = _source_meta(workdir)
+  params, _ = checkpoint.load_params(workdir)
+  if meta.get("stage") == "ppo":
+    params = params["policy"]
+  return TransformerConfig.from_dict(meta["model"]), params, load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
