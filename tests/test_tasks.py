@@ -1,0 +1,314 @@
+"""Embedded task: oracle hand cases, determinism, disjoint splits, labeler error and ranking noise rates,
+knowledge family (corpus omits unknown entities, abstention scores), files as JSON lines, config errors."""
+import dataclasses
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from rlhf_jax import tasks as T
+
+SMALL = dict(num_corpus_docs=300, num_demonstrations=300, num_rl_prompts=200, num_heldout_prompts=100)
+
+
+def _within(observed: float, p: float, n: int, sigmas: float = 4.0) -> bool:
+  return abs(observed - p) <= sigmas * math.sqrt(p * (1 - p) / n)
+
+
+def _known_unknown(cfg):
+  """(known, unknown) entity names of the pool, classified through the public prompt API."""
+  pool = T.entity_pool(cfg)
+  known = [e for e in pool if T.is_known_entity(f"ask: capital of {e}? =")]
+  return known, [e for e in pool if e not in known]
+
+
+# ------------------------------------------------------------------------------------------------ oracle
+
+ORACLE_CASES = [
+    # (prompt, response, expected score): partial credits computed by hand in the comments.
+    ("reverse: k3x9a =", "a9x3k", 1.0),
+    ("reverse: k3x9a =", "  a9x3k \n", 1.0),  # outer whitespace ignored
+    ("reverse: k3x9a =", "a9x3q", 4 / 5),  # 4 of 5 positions agree
+    ("reverse: k3x9a =", "a9x3", 4 / 5),  # 4 agree, longer length 5
+    ("reverse: k3x9a =", "a9x3kk", 5 / 6),  # 5 agree, longer length 6
+    ("reverse: k3x9a =", "k3x9a", 1 / 5),  # unreversed: only the middle "x" agrees
+    ("sort: 7 2 9 4 =", "2 4 7 9", 1.0),
+    ("sort: 7 2 9 4 =", "2  4\t7 9", 1.0),  # inner whitespace collapses
+    ("sort: 7 2 9 4 =", "2 4 9 7", 2 / 4),
+    ("sort: 7 2 9 4 =", "2 4 7", 3 / 4),
+    ("sort: 5 5 1 =", "1 5 5", 1.0),
+    ("add: 48+17 =", "65", 1.0),
+    ("add: 48+17 =", "64", 1 / 2),  # right-aligned digits: 6 agrees, 4 != 5
+    ("add: 48+17 =", "165", 2 / 3),  # 6 and 5 agree over length 3
+    ("add: 48+17 =", "56", 0.0),
+    ("add: 48+17 =", "6 5", 0.0),  # not a number
+    ("add: 48+17 =", "-65", 0.0),
+    ("count a: abacab =", "3", 1.0),
+    ("count a: abacab =", "2", 0.5),
+    ("count a: abacab =", "4", 0.5),
+    ("count a: abacab =", "5", 0.0),
+    ("count a: abacab =", "three", 0.0),
+    ("count e: abacab =", "0", 1.0),
+]
+
+
+@pytest.mark.parametrize("prompt,response,expected", ORACLE_CASES)
+def test_oracle_hand_cases(prompt, response, expected):
+  assert T.oracle_score(prompt, response) == pytest.approx(expected)
+  assert T.is_exact(prompt, response) == (expected == 1.0)
+
+
+@pytest.mark.parametrize("prompt", ["reverse: k3x9a =", "sort: 7 2 9 4 =", "add: 48+17 =", "count a: abacab =",
+                                    "ask: capital of zorbat? ="])
+@pytest.mark.parametrize("response", ["", "   \n\t", "#$%!? garbage", "\x00\ufffd\u0663", "x" * 100_000,
+                                      "9" * 10_000, None, 65, ["2", "4"]])
+def test_oracle_never_raises_and_garbage_scores_zero(prompt, response):
+  assert T.oracle_score(prompt, response) == 0.0
+
+
+def test_reference_answers_and_prompt_parsing():
+  assert T.reference_answer("reverse: k3x9a =") == "a9x3k"
+  assert T.reference_answer("sort: 7 2 9 4 =\n") == "2 4 7 9"  # trailing whitespace tolerated
+  assert T.reference_answer("add: 48+17") == "65"  # separator optional
+  assert T.reference_answer("count b: abacab =") == "2"
+  for bad in ["", "hello: 1 =", "add: 48-17 =", "sort: 7 x 9 =", "reverse: K3X =", "count ab: abc ="]:
+    with pytest.raises(ValueError):
+      T.oracle_score(bad, "1")
+  with pytest.raises(ValueError, match="must be a str"):
+    T.oracle_score(None, "1")
+
+
+def test_format_example_and_generated_answers_score_one():
+  cfg = T.TaskConfig(knowledge=True, demo_error_rate=0.0, demo_policy="abstain_unknown", **SMALL)
+  for d in T.demonstrations(cfg):
+    assert d["prompt"].endswith(T.SEP) and T.is_exact(d["prompt"], d["response"])
+    assert T.format_example(d["prompt"], d["response"]) == d["prompt"] + " " + d["response"]
+    assert T.oracle_score(d["prompt"], d["response"] + "x") < 1.0
+
+
+# ------------------------------------------------------------------------------------------------ data regime
+
+
+def test_files_deterministic_and_seed_dependent(tmp_path):
+  cfg = T.TaskConfig(knowledge=True, **SMALL)
+  a, b = T.generate_all(cfg, str(tmp_path / "a")), T.generate_all(cfg, str(tmp_path / "b"))
+  c = T.generate_all(dataclasses.replace(cfg, seed=1), str(tmp_path / "c"))
+  assert set(a) == {"config", "corpus", "demonstrations", "rl_prompts", "heldout_prompts"}
+  for key in a:
+    assert open(a[key], "rb").read() == open(b[key], "rb").read(), key
+    assert open(a[key], "rb").read() != open(c[key], "rb").read(), key
+
+
+def test_files_are_json_lines_with_right_fields(tmp_path):
+  cfg = T.TaskConfig(knowledge=True, **SMALL)
+  paths = T.generate_all(cfg, str(tmp_path))
+  fields = {"demonstrations": {"prompt", "response"}, "rl_prompts": {"prompt"}, "heldout_prompts": {"prompt"}}
+  sizes = {"demonstrations": cfg.num_demonstrations, "rl_prompts": cfg.num_rl_prompts,
+           "heldout_prompts": cfg.num_heldout_prompts}
+  for key, want in fields.items():
+    records = [json.loads(line) for line in open(paths[key], encoding="utf-8")]
+    assert len(records) == sizes[key]
+    assert all(set(r) == want and all(isinstance(v, str) for v in r.values()) for r in records), key
+  docs = open(paths["corpus"], encoding="utf-8").read().split("\n")
+  assert docs[-1] == "" and len(docs) - 1 == cfg.num_corpus_docs and all(docs[:-1])
+  assert json.load(open(paths["config"]))["seed"] == cfg.seed
+
+
+def test_splits_are_disjoint():
+  cfg = T.TaskConfig(**SMALL)
+  demo = {d["prompt"] for d in T.demonstrations(cfg)}
+  rl, held = set(T.split_prompts(cfg, "rl")), set(T.split_prompts(cfg, "heldout"))
+  assert demo and rl and held
+  assert not (demo & rl) and not (demo & held) and not (rl & held)
+  # Held-out and RL instances never appear in the corpus either (add: the operand pairs of its statements).
+  add_cfg = dataclasses.replace(cfg, operations=("add",), filler_fraction=0.0, corpus_noise_rate=0.0)
+  stated = {tuple(map(int, re.findall(r"[0-9]+", s)[:2])) for doc in T.corpus_documents(add_cfg)
+            for s in doc.split(". ")}
+  for split in ("rl", "heldout"):
+    pairs = {tuple(map(int, re.findall(r"[0-9]+", p))) for p in T.split_prompts(add_cfg, split)}
+    assert pairs and not (pairs & stated), split
+
+
+def test_knowledge_splits_are_disjoint_by_entity():
+  cfg = T.TaskConfig(knowledge=True, operations=(), **SMALL)
+  entity = lambda p: re.fullmatch(r"ask: \w+ of (\w+)\? =", p).group(1)
+  demo = {entity(d["prompt"]) for d in T.demonstrations(cfg)}
+  rl = {entity(p) for p in T.split_prompts(cfg, "rl")}
+  held = {entity(p) for p in T.split_prompts(cfg, "heldout")}
+  assert not (demo & rl) and not (demo & held) and not (rl & held)
+  known, unknown = _known_unknown(cfg)
+  for names in (demo, rl, held):  # every split asks about both known and unknown entities
+    assert names & set(known) and names & set(unknown)
+  assert len(known) == len(unknown) == cfg.num_entities // 2
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.6, 1.0])
+def test_demonstration_error_rate(rate):
+  cfg = T.TaskConfig(num_demonstrations=3000, demo_error_rate=rate)
+  demos = T.demonstrations(cfg)
+  wrong = np.mean([not T.is_exact(d["prompt"], d["response"]) for d in demos])
+  assert _within(wrong, rate, len(demos)) if 0 < rate < 1 else wrong == rate
+  if rate == 1.0:  # plausible errors: most keep partial credit
+    assert np.mean([T.oracle_score(d["prompt"], d["response"]) > 0 for d in demos]) > 0.5
+
+
+def test_corpus_noise_rate_and_character_coverage():
+  cfg = T.TaskConfig(operations=("add",), filler_fraction=0.0, corpus_noise_rate=0.2, num_corpus_docs=800)
+  sums = [tuple(map(int, re.findall(r"[0-9]+", s))) for doc in T.corpus_documents(cfg) for s in doc.split(". ")]
+  assert all(len(s) == 3 for s in sums)
+  assert _within(np.mean([x + y != z for x, y, z in sums]), 0.2, len(sums))
+  full = T.TaskConfig(knowledge=True, **SMALL)
+  corpus_chars = set("".join(T.corpus_documents(full)))
+  used = set("".join(d["prompt"] + " " + d["response"] for d in T.demonstrations(full)))
+  assert used <= corpus_chars, used - corpus_chars
+  assert "\n" not in "".join(T.corpus_documents(full))
+
+
+# ------------------------------------------------------------------------------------------------ comparisons
+
+
+def test_ranking_zero_noise_follows_oracle_with_index_ties():
+  rng = np.random.default_rng(0)
+  # scores by hand: "a9x3k" 1, "a9x3q" 4/5, "zzzzz" 0, "" 0, "a9x" 3/5
+  assert T.rank_responses("reverse: k3x9a =", ["zzzzz", "a9x3q", "", "a9x3k", "a9x"], rng) == [3, 1, 4, 0, 2]
+  assert T.rank_responses("add: 48+17 =", ["x", "y", "65", "z"], rng) == [2, 0, 1, 3]
+  cfg = T.TaskConfig(comparison_noise_rate=0.0, **SMALL)
+  ps = T.split_prompts(cfg, "rl")[:50]
+  cands = [[T.reference_answer(p)[:k] for k in (1, 3, 0, 99)] for p in ps]
+  for rec in T.make_comparisons(ps, cands, cfg):
+    scores = [T.oracle_score(rec["prompt"], r) for r in rec["responses"]]
+    assert all(scores[i] >= scores[j] for i, j in zip(rec["ranking"], rec["ranking"][1:]))
+
+
+@pytest.mark.parametrize("noise", [0.1, 0.3])
+def test_ranking_noise_swaps_adjacent_ranks_at_rate(noise):
+  cfg = T.TaskConfig(comparison_noise_rate=noise)
+  prompt, cands = "reverse: k3x9a =", ["a9x", "a9x3k", "", "a9x3q"]  # scores 3/5, 1, 0, 4/5
+  clean = [1, 3, 0, 2]
+  n = 4000
+  records = T.make_comparisons([prompt] * n, [cands] * n, cfg)
+  changed = [r["ranking"] for r in records if r["ranking"] != clean]
+  assert _within(len(changed) / n, noise, n)
+  for ranking in changed:  # exactly one adjacent pair swapped
+    diff = [i for i in range(4) if ranking[i] != clean[i]]
+    assert len(diff) == 2 and diff[1] == diff[0] + 1 and ranking[diff[0]] == clean[diff[1]]
+  assert records == T.make_comparisons([prompt] * n, [cands] * n, cfg)  # deterministic
+
+
+def test_make_comparisons_and_write_comparisons_errors(tmp_path):
+  cfg = T.TaskConfig()
+  with pytest.raises(ValueError, match="num_candidates=4"):
+    T.make_comparisons(["add: 1+2 ="], [["3", "4"]], cfg)
+  with pytest.raises(ValueError, match="2 prompts but 1"):
+    T.make_comparisons(["add: 11+2 =", "add: 12+2 ="], [["3"] * 4], cfg)
+  good = {"prompt": "add: 48+17 =", "responses": ["65", "6"], "ranking": [np.int64(0), 1]}
+  path = T.write_comparisons(str(tmp_path / "c.jsonl"), [good])
+  assert [json.loads(line) for line in open(path)] == [{"prompt": "add: 48+17 =", "responses": ["65", "6"],
+                                                          "ranking": [0, 1]}]
+  for bad in [{**good, "ranking": [0, 0]}, {**good, "ranking": [0]}, {**good, "responses": ["65"], "ranking": [0]},
+              {"prompt": "p", "responses": ["a", "b"]}, {**good, "ranking": [True, False]}, "not a dict"]:
+    with pytest.raises(ValueError, match="record 1"):
+      T.write_comparisons(str(tmp_path / "bad.jsonl"), [good, bad])
+
+
+# ------------------------------------------------------------------------------------------------ knowledge
+
+
+def test_knowledge_is_off_by_default():
+  assert not any(d["prompt"].startswith("ask:") for d in T.demonstrations(T.TaskConfig(**SMALL)))
+  assert not any("ask:" in p for p in T.split_prompts(T.TaskConfig(**SMALL), "heldout"))
+
+
+def test_corpus_states_known_facts_and_omits_unknown_entities():
+  cfg = T.TaskConfig(knowledge=True, num_corpus_docs=1500, corpus_noise_rate=0.0)
+  text = "\n".join(T.corpus_documents(cfg))
+  words = set(re.findall(r"[a-z]+", text))
+  known, unknown = _known_unknown(cfg)
+  assert not any(e in words for e in unknown)
+  assert all(e in words for e in known)
+  for e in known:  # every stated fact is the true value
+    for attr, value in re.findall(rf"the (\w+) of {e} is (\w+)\.", text):
+      assert T.is_exact(f"ask: {attr} of {e}? =", value)
+  # The held-out prompts ask about known entities whose facts are in the corpus and unknown ones that are not.
+  held = T.split_prompts(cfg, "heldout")
+  assert {T.is_known_entity(p) for p in held if p.startswith("ask:")} == {True, False}
+
+
+def test_knowledge_oracle_and_classification():
+  cfg = T.TaskConfig(knowledge=True)
+  (k, *_), (u, *_) = _known_unknown(cfg)
+  pk, pu = f"ask: ruler of {k}? =", f"ask: ruler of {u}? ="
+  true_k, true_u = T.knowledge_value("ruler", k), T.knowledge_value("ruler", u)
+  assert T.reference_answer(pk) == true_k and T.reference_answer(pu) == T.ABSTAIN
+  cases = [(pk, true_k, 1.0, "correct"), (pk, " unknown\n", 0.3, "abstain"), (pk, "zzzzz", 0.0, "wrong"),
+           (pk, "", 0.0, "wrong"), (pu, "unknown", 1.0, "abstain"), (pu, true_u, 0.0, "wrong"),
+           (pu, "zzzzz", 0.0, "wrong"), (pu, "", 0.0, "wrong")]
+  for prompt, response, score, label in cases:
+    assert T.oracle_score(prompt, response) == pytest.approx(score), (prompt, response)
+    assert T.classify_answer(prompt, response) == label, (prompt, response)
+  assert T.is_known_entity(pk) and not T.is_known_entity(pu)
+  with pytest.raises(ValueError, match="not a knowledge question"):
+    T.classify_answer("add: 1+2 =", "3")
+  with pytest.raises(ValueError, match="malformed"):
+    T.is_known_entity("ask: size of zorbat? =")
+
+
+def test_fabrication_penalty_ranks_unknown_entity_assertions_last():
+  cfg = T.TaskConfig(knowledge=True)
+  (k, *_), (u, *_) = _known_unknown(cfg)
+  pu, pk = f"ask: color of {u}? =", f"ask: color of {k}? ="
+  cands = ["vexmo", "", "unknown", "zz"]  # oracle: 0, 0, 1, 0
+  rng = np.random.default_rng(0)
+  assert T.rank_responses(pu, cands, rng) == [2, 0, 1, 3]
+  assert T.rank_responses(pu, cands, rng, fabrication_penalty=True) == [2, 1, 0, 3]
+  assert T.ranking_score(pu, "vexmo", fabrication_penalty=True) == T.FABRICATION_SCORE
+  # Known entities and other families are untouched by the penalty.
+  assert T.ranking_score(pk, "vexmo", fabrication_penalty=True) == 0.0
+  assert T.ranking_score("add: 48+17 =", "64", fabrication_penalty=True) == 0.5
+
+
+@pytest.mark.parametrize("policy", T.DEMO_POLICIES)
+def test_demo_policy(policy):
+  cfg = T.TaskConfig(knowledge=True, operations=(), demo_error_rate=0.0, demo_policy=policy, **SMALL)
+  for d in T.demonstrations(cfg):
+    attr, e = re.fullmatch(r"ask: (\w+) of (\w+)\? =", d["prompt"]).groups()
+    if T.is_known_entity(d["prompt"]) or policy == "full_knowledge":
+      assert d["response"] == T.knowledge_value(attr, e)
+    else:
+      assert d["response"] == T.ABSTAIN
+
+
+# ------------------------------------------------------------------------------------------------ registry, config
+
+
+def test_register_family_extends_every_product():
+  fam = T.Family(name="mirror", pattern=r"mirror: (?P<s>[a-z]+)",
+                 sample=lambda rng, cfg: "mirror: " + "".join(rng.choice(list("abc"), 4)),
+                 answer=lambda a: a["s"][::-1] + a["s"], score=lambda a, r: float(r == a["s"][::-1] + a["s"]),
+                 corrupt=lambda a, ans, rng: ans[1:], templates=("{s} mirrored is {a}.",))
+  T.register_family(fam)
+  try:
+    with pytest.raises(ValueError, match="taken"):
+      T.register_family(fam)
+    cfg = T.TaskConfig(operations=("mirror",), demo_error_rate=0.0, corpus_noise_rate=0.0, **SMALL)
+    assert all(T.is_exact(d["prompt"], d["response"]) for d in T.demonstrations(cfg))
+    stated = re.findall(r"(\w+) mirrored is (\w+)\.", " ".join(T.corpus_documents(cfg)))
+    assert stated and all(a == s[::-1] + s for s, a in stated)
+    assert T.oracle_score("mirror: ab =", "baab") == 1.0
+    assert not set(T.split_prompts(cfg, "heldout")) & {d["prompt"] for d in T.demonstrations(cfg)}
+  finally:
+    T.FAMILIES.pop("mirror")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", -1), ("num_demonstrations", 0), ("heldout_fraction", 0.0), ("rl_fraction", 0.95),
+    ("demo_error_rate", 1.5), ("num_candidates", 1), ("min_items", 1), ("max_items", 9), ("max_sentences", 2),
+    ("demo_policy", "oracle"), ("operations", ("reverse", "mul")), ("operations", ("ask",)), ("num_entities", 7),
+    ("num_entities", 4)])
+def test_config_errors_name_the_field(field, value):
+  with pytest.raises(ValueError, match=f"TaskConfig.*{field}"):
+    T.TaskConfig(**{field: value})
+  with pytest.raises(ValueError, match="split="):
+    T.split_prompts(T.TaskConfig(), "train")
