@@ -42,15 +42,27 @@ def device_count() -> int:
   return jax.local_device_count()
 
 
+def _sharding(n: int) -> jax.sharding.NamedSharding:
+  """The layout pmap gives its outputs: leading axis split over the first `n` local devices."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n]), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
 def replicate(tree, n: int | None = None):
-  """Stacks `n` (default: all local devices) copies of a pytree; pmap places one copy per device."""
+  """One copy of a pytree per local device (leading axis = device), laid out as pmap outputs are.
+
+  Matching pmap's own output layout means the second call of a pmapped step does not recompile.
+  """
   n = n or device_count()
-  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)).copy(), tree)
+  sharding = _sharding(n)
+  return jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding), tree)
 
 
 def unreplicate(tree):
   """The first device's copy of a replicated pytree, as host numpy arrays."""
-  return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0] if isinstance(x, jax.Array)
+                      else np.asarray(x[0]), tree)
 
 
 def check_divisible(batch_size: int, field: str) -> int:

@@ -66,7 +66,7 @@ def lm_data_config(seq_len: int = 128, batch_size: int = 16) -> ml_collections.C
   return d
 
 
-def _files(spec: str, field: str) -> list[str] | str:
+def checked_files(spec: str, field: str) -> list[str] | str:
   """Comma-separated local files (each must exist and be non-empty) or a `tfds:` name, validated up front."""
   if not spec:
     raise ValueError(f"config {field} is empty: give a data file or tfds:NAME")
@@ -136,7 +136,7 @@ def _scratch_tokenizer(cfg, workdir: str, train_files) -> Tokenizer:
   return train_tokenizer(train_files, prefix, cfg.tokenizer.vocab_size, cfg.tokenizer.model_type)
 
 
-def _install_tokenizer(tok: Tokenizer, workdir: str) -> None:
+def install_tokenizer(tok: Tokenizer, workdir: str) -> None:
   """Copies the tokenizer into the workdir, so the next stage finds it there."""
   os.makedirs(workdir, exist_ok=True)
   dest = os.path.join(workdir, TOKENIZER_FILE)
@@ -174,8 +174,8 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
   """Pretraining (`stage="pretrain"`, plain text) or SFT (`stage="sft"`, JSONL prompt/response) to completion."""
   if stage not in ("pretrain", "sft"):
     raise ValueError(f"run_lm stage={stage!r}; expected pretrain or sft")
-  train_files = _files(cfg.data.train, "data.train")
-  eval_files = _files(cfg.data.eval, "data.eval") if cfg.data.eval else None
+  train_files = checked_files(cfg.data.train, "data.train")
+  eval_files = checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
   init = resolve_init(cfg, workdir, train_files)
   if cfg.data.seq_len > init.model.max_len:
     raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={init.model.max_len}")
@@ -187,7 +187,7 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
                            batch_size=cfg.data.batch_size, workdir=workdir, **_hosts())
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
-  _install_tokenizer(init.tokenizer, workdir)
+  install_tokenizer(init.tokenizer, workdir)
   tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
   model = init.model
   _, last = trainer.train_loop(
@@ -223,9 +223,9 @@ def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None)
 
 def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Reward model: SFT backbone + ScalarHead trained with Bradley–Terry on ranked comparisons."""
-  train_files = _files(cfg.data.train, "data.train")
-  eval_files = _files(cfg.data.eval, "data.eval") if cfg.data.eval else None
-  norm_files = _files(cfg.data.normalize_on, "data.normalize_on") if cfg.data.normalize_on else None
+  train_files = checked_files(cfg.data.train, "data.train")
+  eval_files = checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
+  norm_files = checked_files(cfg.data.normalize_on, "data.normalize_on") if cfg.data.normalize_on else None
   init = resolve_init(cfg, workdir, train_files)
   model = init.model
   if cfg.data.seq_len > model.max_len:
@@ -235,7 +235,7 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                            truncate_prompt=cfg.data.truncate, workdir=workdir, **_hosts())
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
-  _install_tokenizer(init.tokenizer, workdir)
+  install_tokenizer(init.tokenizer, workdir)
   tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
   scratch = lambda: trainer.create_state(fresh_reward_params(model, jax.random.PRNGKey(cfg.train.seed)), tx,
                                          cfg.train.seed)
