@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -259,8 +259,13 @@ def _host_metrics(sums: dict) -> dict:
   return m
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """PPO-ptx from an SFT workdir (`train.init_from`) against a reward model (`ppo.reward_from`); auto-resumes."""
+def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[list, list], dict] | None = None
+        ) -> dict:
+  """PPO-ptx from an SFT workdir (`train.init_from`) against a reward model (`ppo.reward_from`); auto-resumes.
+
+  `extra_metrics(prompts, responses)`, if given, adds metrics computed on each iteration's decoded rollouts
+  (the pipeline logs the task oracle's score this way).
+  """
   from rlhf_jax import stages  # stage plumbing (loading SFT/RM workdirs, data files)
   # ---- inputs, validated before anything is written
   hyper = Hyper.from_config(cfg.ppo)
@@ -363,14 +368,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics.check_finite(m, it, "ppo")
       m.update(kl_coef=ctl.value, generation_s=t1 - t0, update_s=t2 - t1)
       ctl.update(m["kl"], cfg.ppo.rollout_batch)
-      writer.write(it, m)
       line = progress.update(it, float(np.sum(batch["prompt_mask"]) + m["response_length"] * len(prompts)))
       if it % cfg.train.log_every == 0 or it == cfg.train.num_steps:
         logging.info("ppo %s  score %.3f  kl %.3f  clipfrac %.3f", line, m["score"], m["kl"], m["clipfrac"])
+      texts = None
+      if extra_metrics or (cfg.ppo.sample_every and it % cfg.ppo.sample_every == 0):
+        texts = [tok.decode(t[:n]) for t, n in zip(parallel.unshard(samples.tokens_BxT),
+                                                   parallel.unshard(samples.lengths_B))]
+      if extra_metrics:
+        m.update(extra_metrics(prompts, texts))
       if cfg.ppo.sample_every and it % cfg.ppo.sample_every == 0:
-        texts = [tok.decode(t[:n]) for t, n in zip(parallel.unshard(samples.tokens_BxT)[:4],
-                                                   parallel.unshard(samples.lengths_B)[:4])]
-        writer.write_text(it, "samples", "\n".join(f"{p!r} -> {r!r}" for p, r in zip(prompts, texts)))
+        writer.write_text(it, "samples", "\n".join(f"{p!r} -> {r!r}" for p, r in zip(prompts[:4], texts)))
+      writer.write(it, m)
       last = m
       if it % cfg.train.checkpoint_every == 0 or it == cfg.train.num_steps:
         extra = {"prompts": prompt_loader.get_state(), "kl": ctl.state_dict(),

@@ -1,0 +1,93 @@
+"""Policy evaluation on held-out prompts: oracle score (sampled and greedy), exact match, RM score, KL to SFT.
+
+KL to the SFT policy is measured on the policy's own samples at temperature 1:
+KL(π‖π_SFT) ≈ mean over samples of Σ_t [log π(y_t|·) − log π_SFT(y_t|·)] (k1, summed over response tokens).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from rlhf_jax import data, parallel, rl, sampling
+from rlhf_jax.model import Transformer, TransformerConfig
+from rlhf_jax.tokenizer import Tokenizer
+
+
+def prompt_batch(tok: Tokenizer, prompts: Sequence[str], prompt_len: int) -> dict:
+  """Left-padded [bos] + prompt tokens and masks for `prompts` (prompts cut from the left to fit)."""
+  rows = [data.prompt_pieces({"prompt": p, "origin": f"prompt {i}"}, tok, prompt_len, truncate=True)[0]
+          for i, p in enumerate(prompts)]
+  return {k: np.stack([r[k] for r in rows]) for k in ("prompt_tokens", "prompt_mask")}
+
+
+@functools.lru_cache(maxsize=8)
+def _sampler(cfg: TransformerConfig, max_new_tokens: int, greedy: bool, temperature: float, eos_id: int,
+             pad_id: int):
+  return sampling.make_sampler(parallel.pmap, cfg, max_new_tokens=max_new_tokens, temperature=temperature,
+                               greedy=greedy, eos_id=eos_id, pad_id=pad_id)
+
+
+def generate(params, cfg: TransformerConfig, tok: Tokenizer, prompts: Sequence[str], *, prompt_len: int,
+             max_new_tokens: int, greedy: bool, temperature: float = 1.0, seed: int = 0,
+             batch_size: int = 64) -> tuple[list[str], list[sampling.Samples]]:
+  """Responses (decoded text, cut at EOS) for `prompts`, sampled or greedy, in batches over all local devices."""
+  n_dev = parallel.device_count()
+  batch_size = max(n_dev, batch_size // n_dev * n_dev)
+  sample_fn = _sampler(cfg, max_new_tokens, greedy, float(temperature), tok.eos_id, tok.pad_id)
+  params_R = parallel.replicate(params)
+  texts, batches = [], []
+  for lo in range(0, len(prompts), batch_size):
+    chunk = list(prompts[lo:lo + batch_size])
+    batch = prompt_batch(tok, chunk + [chunk[0]] * (batch_size - len(chunk)), prompt_len)
+    sharded = parallel.shard_batch(batch, "eval batch")
+    rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), lo), n_dev)
+    out = parallel.unshard(sample_fn(params_R, sharded["prompt_tokens"], sharded["prompt_mask"], rngs))
+    out = jax.tree.map(lambda x: x[:len(chunk)], out)
+    texts += [tok.decode(t[:n]) for t, n in zip(out.tokens_BxT, out.lengths_B)]
+    batches.append(out)
+  return texts, batches
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _response_logp(params, samples: sampling.Samples, cfg: TransformerConfig):
+  T = samples.tokens_BxT.shape[1]
+  logits, _ = Transformer(cfg).apply({"params": params}, samples.sequence_BxPT, samples.positions_BxPT,
+                                     samples.sequence_mask_BxPT)
+  return rl.token_logprobs(logits[:, -T - 1:-1], samples.sequence_BxPT[:, -T:]) * samples.mask_BxT
+
+
+def kl_to_reference(params, ref_params, cfg: TransformerConfig, batches: Sequence[sampling.Samples]) -> float:
+  """Mean over sampled responses of Σ_t log π(y_t) − log π_ref(y_t) (k1 estimate of KL(π‖π_ref) per response)."""
+  total, n = 0.0, 0
+  for s in batches:
+    s = jax.tree.map(np.asarray, s)
+    diff = _response_logp(params, s, cfg) - _response_logp(ref_params, s, cfg)
+    total += float(np.sum(diff))
+    n += s.tokens_BxT.shape[0]
+  return total / max(n, 1)
+
+
+def evaluate_policy(params, cfg: TransformerConfig, tok: Tokenizer, prompts: Sequence[str], *,
+                    oracle: Callable[[str, str], float], exact: Callable[[str, str], bool], prompt_len: int,
+                    max_new_tokens: int, ref_params=None, reward_fn: Callable[[list, list], np.ndarray] | None = None,
+                    seed: int = 0) -> dict[str, Any]:
+  """Held-out metrics of one policy: oracle/exact at temperature 1 and greedy, mean RM score, KL to the reference."""
+  sampled, batches = generate(params, cfg, tok, prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                              greedy=False, seed=seed)
+  greedy, _ = generate(params, cfg, tok, prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                       greedy=True)
+  out = {
+      "oracle_sampled": float(np.mean([oracle(p, r) for p, r in zip(prompts, sampled)])),
+      "oracle_greedy": float(np.mean([oracle(p, r) for p, r in zip(prompts, greedy)])),
+      "exact_sampled": float(np.mean([exact(p, r) for p, r in zip(prompts, sampled)])),
+      "exact_greedy": float(np.mean([exact(p, r) for p, r in zip(prompts, greedy)])),
+  }
+  if reward_fn is not None:
+    out["rm_score"] = float(np.mean(reward_fn(list(prompts), sampled)))
+  if ref_params is not None:
+    out["kl_to_sft"] = kl_to_reference(params, ref_params, cfg, batches)
+  out["examples"] = [(p, s, g) for p, s, g in zip(prompts[:6], sampled[:6], greedy[:6])]
+  return out

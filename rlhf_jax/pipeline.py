@@ -1,0 +1,182 @@
+"""The whole InstructGPT pipeline on the embedded task, in one workdir, resumable stage by stage.
+
+task data -> tokenizer -> pretrain -> SFT -> comparisons of SFT samples ranked by the (noisy) oracle ->
+reward model -> PPO-ptx -> held-out evaluation of every policy -> table, plots, report.md.
+Each training stage runs through its own experiment's library function (`stages.run_lm`, `stages.run_reward`,
+`ppo.run`) with that experiment's config, into `workdir/<stage>`; a finished stage is skipped on re-run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from rlhf_jax import evaluate, metrics, ppo, stages, tasks
+from rlhf_jax.tokenizer import train_tokenizer
+
+
+def _stage_cfg(base: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A stage's own config (its experiment's get_config()) with the pipeline's groups laid over it."""
+  cfg = ml_collections.ConfigDict(base.to_dict())
+  for group, values in overrides.items():
+    if isinstance(values, ml_collections.ConfigDict):
+      cfg[group].update(values.to_dict())
+    else:
+      cfg[group] = values
+  return cfg
+
+
+def _task_data(cfg, workdir: str) -> tuple[tasks.TaskConfig, dict]:
+  """Generates the task files once (deterministic for the task config); returns the config and paths."""
+  task_cfg = tasks.TaskConfig(**cfg.task.to_dict())
+  out = os.path.join(workdir, "data")
+  marker = os.path.join(out, "task_config.json")
+  paths = {k: os.path.join(out, f) for k, f in (("corpus", "corpus.txt"), ("demonstrations", "demonstrations.jsonl"),
+                                                ("rl_prompts", "rl_prompts.jsonl"),
+                                                ("heldout_prompts", "heldout_prompts.jsonl"))}
+  want = json.dumps(dataclasses.asdict(task_cfg), sort_keys=True)
+  if not (os.path.exists(marker) and open(marker).read().strip() == want):
+    paths.update(tasks.generate_all(task_cfg, out))
+  return task_cfg, paths
+
+
+def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str:
+  """K SFT samples per prompt ranked by the noisy oracle; duplicate texts and equal oracle scores dropped."""
+  path = os.path.join(workdir, "data", f"comparisons_{split}.jsonl")
+  if os.path.exists(path):
+    return path
+  source = paths["demonstrations"] if split == "train" else paths["heldout_prompts"]
+  prompts = list(dict.fromkeys(json.loads(line)["prompt"] for line in open(source)))
+  prompts = prompts[:cfg.comparisons.num_prompts if split == "train" else cfg.comparisons.num_heldout]
+  model, params, tok = stages.load_policy(sft_dir)
+  K = task_cfg.num_candidates
+  texts, _ = evaluate.generate(params, model, tok, [p for p in prompts for _ in range(K)],
+                               prompt_len=cfg.rl.data.prompt_len, max_new_tokens=cfg.ppo.max_new_tokens,
+                               greedy=False, temperature=cfg.comparisons.temperature, seed=7 if split == "train" else 8)
+  rng = np.random.default_rng([task_cfg.seed, 7 if split == "train" else 8])
+  records = []
+  for i, prompt in enumerate(prompts):
+    by_score = {}
+    for r in texts[i * K:(i + 1) * K]:
+      by_score.setdefault(round(tasks.ranking_score(prompt, r, task_cfg.fabrication_penalty), 6), r)
+    candidates = list(by_score.values())
+    if len(candidates) >= 2:
+      ranking = tasks.rank_responses(prompt, candidates, rng, task_cfg.comparison_noise_rate,
+                                     task_cfg.fabrication_penalty)
+      records.append({"prompt": prompt, "responses": candidates, "ranking": ranking})
+  if not records:
+    raise ValueError(f"comparisons ({split}): every prompt's {K} SFT samples scored the same; nothing to rank")
+  tasks.write_comparisons(path, records)
+  logging.info("comparisons %s: %d of %d prompts had >= 2 distinct scores", split, len(records), len(prompts))
+  return path
+
+
+def _tokenizer(cfg, workdir, paths) -> str:
+  path = os.path.join(workdir, "tokenizer", "tokenizer.model")
+  if not os.path.exists(path):
+    train_tokenizer(paths["corpus"], path[:-len(".model")], cfg.tokenizer.vocab_size, cfg.tokenizer.model_type)
+  return path
+
+
+def _last_eval(workdir: str, key: str) -> float | None:
+  rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if key in r]
+  return rows[-1][key] if rows else None
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) every stage, evaluates every policy on held-out prompts, writes table, plots, report."""
+  from experiments.configs import ppo as ppo_config, pretrain, reward, sft  # each stage's own config
+  t0 = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  dirs = {s: os.path.join(workdir, s) for s in ("pretrain", "sft", "reward", "ppo")}
+  # ---- data and tokenizer
+  task_cfg, paths = _task_data(cfg, workdir)
+  tok_path = _tokenizer(cfg, workdir, paths)
+  common = ml_collections.ConfigDict({"model": cfg.model, "tokenizer": {"path": tok_path}})
+  # ---- pretrain -> SFT
+  stages.run_lm(_stage_cfg(pretrain.get_config(), ml_collections.ConfigDict(
+      {**common, **cfg.pretrain, "data": {**cfg.pretrain.data, "train": paths["corpus"]}})), dirs["pretrain"],
+      "pretrain")
+  stages.run_lm(_stage_cfg(sft.get_config(), ml_collections.ConfigDict(
+      {**common, **cfg.sft, "data": {**cfg.sft.data, "train": paths["demonstrations"]},
+       "train": {**cfg.sft.train, "init_from": dirs["pretrain"]}})), dirs["sft"], "sft")
+  # ---- comparisons of SFT samples -> reward model
+  comp_train = _comparisons(cfg, workdir, task_cfg, paths, dirs["sft"], "train")
+  comp_eval = _comparisons(cfg, workdir, task_cfg, paths, dirs["sft"], "heldout")
+  stages.run_reward(_stage_cfg(reward.get_config(), ml_collections.ConfigDict(
+      {**common, **cfg.reward, "data": {**cfg.reward.data, "train": comp_train, "eval": comp_eval,
+                                        "normalize_on": paths["demonstrations"]},
+       "train": {**cfg.reward.train, "init_from": dirs["sft"]}})), dirs["reward"])
+  # ---- PPO-ptx, logging the oracle score of each iteration's rollouts
+  oracle_fn = lambda prompts, responses: {"oracle": float(np.mean(
+      [tasks.oracle_score(p, r) for p, r in zip(prompts, responses)]))}
+  ppo.run(_stage_cfg(ppo_config.get_config(), ml_collections.ConfigDict(
+      {**cfg.rl, "ppo": {**cfg.ppo, "reward_from": dirs["reward"]},
+       "data": {**cfg.rl.data, "prompts": paths["rl_prompts"], "ptx": paths["corpus"]},
+       "train": {**cfg.rl.train, "init_from": dirs["sft"]}})), dirs["ppo"], extra_metrics=oracle_fn)
+  # ---- held-out evaluation of every policy
+  results = evaluate_all(cfg, workdir, dirs, paths)
+  results["reward_heldout_accuracy"] = _last_eval(dirs["reward"], "eval_accuracy")
+  results["minutes"] = (time.perf_counter() - t0) / 60
+  write_report(workdir, dirs, results, cfg)
+  return results
+
+
+def evaluate_all(cfg, workdir: str, dirs: dict, paths: dict) -> dict:
+  """Held-out metrics per policy (pretrain, SFT, PPO) against the SFT reference and the trained RM."""
+  prompts = [json.loads(line)["prompt"] for line in open(paths["heldout_prompts"])][:cfg.eval.num_prompts]
+  sft_cfg, sft_params, tok = stages.load_policy(dirs["sft"])
+  rm_cfg, rm_params, offset = stages.load_reward_model(dirs["reward"])
+  reward_fn = lambda ps, rs: stages.score_texts(rm_params, rm_cfg, tok, ps, rs, cfg.reward.data.seq_len) - offset
+  out = {"stages": {}}
+  for stage in ("pretrain", "sft", "ppo"):
+    model, params, _ = stages.load_policy(dirs[stage])
+    out["stages"][stage] = evaluate.evaluate_policy(
+        params, model, tok, prompts, oracle=tasks.oracle_score, exact=tasks.is_exact,
+        prompt_len=cfg.rl.data.prompt_len, max_new_tokens=cfg.ppo.max_new_tokens, ref_params=sft_params,
+        reward_fn=reward_fn, seed=cfg.eval.seed)
+  return out
+
+
+COLUMNS = ("oracle_sampled", "oracle_greedy", "exact_sampled", "exact_greedy", "rm_score", "kl_to_sft")
+
+
+def results_table(results: dict) -> str:
+  """The per-stage markdown table of held-out metrics, plus the RM's held-out pairwise accuracy."""
+  lines = ["| stage | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+  for stage, m in results["stages"].items():
+    lines.append(f"| {stage} | " + " | ".join(f"{m[c]:.3f}" for c in COLUMNS) + " |")
+  acc = results.get("reward_heldout_accuracy")
+  lines.append(f"\nreward model held-out pairwise accuracy: {acc:.3f}" if acc is not None else "")
+  return "\n".join(lines)
+
+
+def write_report(workdir: str, dirs: dict, results: dict, cfg) -> str:
+  """results.json, PNG curves per stage, and report.md linking them; prints the table."""
+  plots = {}
+  for stage, keys in (("pretrain", ("train_loss", "train_accuracy")), ("sft", ("train_loss", "train_accuracy")),
+                      ("reward", ("train_loss", "train_accuracy", "eval_accuracy")),
+                      ("ppo", ("score", "kl", "oracle", "ptx_loss", "kl_coef"))):
+    rows = metrics.read_jsonl(os.path.join(dirs[stage], "metrics.jsonl"))
+    png = metrics.plot_curves(rows, keys, os.path.join(workdir, f"{stage}_curves.png"), title=stage)
+    if png:
+      plots[stage] = os.path.basename(png)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  table = results_table(results)
+  examples = "\n".join(f"- {stage}: " + "; ".join(f"`{p}` → sampled `{s}`, greedy `{g}`" for p, s, g in
+                                                 m["examples"][:3]) for stage, m in results["stages"].items())
+  report = (f"# InstructGPT pipeline on the embedded task\n\nHeld-out prompts: {cfg.eval.num_prompts}; "
+            f"wall time {results['minutes']:.1f} min.\n\n{table}\n\n## Examples\n{examples}\n\n## Curves\n" +
+            "\n".join(f"![{s}]({p})" for s, p in plots.items()) + "\n")
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w") as f:
+    f.write(report)
+  print(table)
+  print(f"report: {path}")
+  return path
