@@ -1,0 +1,516 @@
+"""Local files or a registered TFDS dataset -> host-local numpy batches for every stage.
+
+Sources: plain text (one document per line) or JSONL `{"text"}` for pretraining; JSONL `{"prompt","response"}`
+for SFT; JSONL `{"prompt","responses","ranking"}` (ranking = indices, best first) or `{"prompt","chosen",
+"rejected"}` for the reward model; JSONL `{"prompt"}` for RL. Local files are validated (bad record ->
+ValueError "path:line: message") and written once into an array_record TFDS dataset under
+`workdir/tfds/<kind>-<content hash>`, read back with random access. `"tfds:NAME"` reads a registered TFDS
+dataset (prepared in array_record format under `tfds_data_dir`) with the same record fields (`text_key` for text).
+
+Batches (numpy, int32 tokens, float32 masks), B = batch_size / process_count rows on each host:
+  packed LM / SFT   inputs, targets, positions, segment_ids (1.. per document, 0 = pad), loss_mask  (B, L)
+  comparisons       tokens, segment_ids, positions (B, Kmax, L); last_idx, rank (0 best, -1 pad) (B, Kmax);
+                    valid (B, Kmax)
+  RL prompts        prompt_tokens, prompt_mask (B, P), left-padded [bos] + prompt; prompts: list of strings
+Training loaders iterate forever: each epoch shuffles the records with (seed, epoch), host h takes every
+process_count-th record from h, then documents are tokenized, framed as [bos] + ids + [eos], shifted into
+(inputs, targets), cut into chunks of at most L and packed next-fit into rows. `get_state()` ({epoch,
+position, chunk, records}) names the next chunk; `set_state` resumes the exact stream. Eval loaders
+(`train=False`) make one unshuffled pass; every host builds the same global batches and takes its slice,
+so all hosts yield the same number of batches; the last is padded with empty rows (all masks zero).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rlhf_jax.tokenizer import Tokenizer
+
+KINDS = ("text", "sft", "comparison", "prompt")
+_FORMAT_VERSION = "1.0.0"  # bump when the stored record layout changes (invalidates workdir/tfds caches)
+
+
+# ------------------------------------------------------------------------------------------- records
+
+
+def _need_str(obj: dict, key: str, where: str) -> str:
+  if key not in obj:
+    raise ValueError(f"{where}: missing field {key!r} (has {sorted(obj)})")
+  if not isinstance(obj[key], str):
+    raise ValueError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+  if not obj[key].strip():
+    raise ValueError(f"{where}: field {key!r} is empty")
+  return obj[key]
+
+
+def _comparison(obj: dict, where: str) -> dict:
+  prompt = _need_str(obj, "prompt", where)
+  if "responses" in obj and ("chosen" in obj or "rejected" in obj):
+    raise ValueError(f"{where}: give either 'responses'+'ranking' or 'chosen'+'rejected', not both")
+  if "responses" not in obj and "chosen" in obj:
+    return {"prompt": prompt, "responses": [_need_str(obj, "chosen", where), _need_str(obj, "rejected", where)],
+            "ranking": [0, 1]}
+  responses, ranking = obj.get("responses"), obj.get("ranking")
+  if not isinstance(responses, list):
+    raise ValueError(f"{where}: field 'responses' must be a list of strings (or give 'chosen'+'rejected')")
+  if len(responses) < 2:
+    raise ValueError(f"{where}: a comparison needs K >= 2 responses, got {len(responses)}")
+  responses = [_need_str({f"responses[{i}]": r}, f"responses[{i}]", where) for i, r in enumerate(responses)]
+  if not isinstance(ranking, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
+    raise ValueError(f"{where}: field 'ranking' must be a list of integers, got {ranking!r}")
+  if sorted(ranking) != list(range(len(responses))):
+    raise ValueError(f"{where}: ranking {ranking} is not a permutation of 0..{len(responses) - 1}")
+  return {"prompt": prompt, "responses": responses, "ranking": ranking}
+
+
+def validate_record(obj: Any, kind: str, where: str, text_key: str = "text") -> dict:
+  """The normalised record of `kind` from a parsed JSON object; ValueError "where: message" if invalid."""
+  if not isinstance(obj, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  if kind == "text":
+    return {"text": _need_str(obj, text_key, where)}
+  if kind == "sft":
+    return {"prompt": _need_str(obj, "prompt", where), "response": _need_str(obj, "response", where)}
+  if kind == "comparison":
+    return _comparison(obj, where)
+  if kind == "prompt":
+    return {"prompt": _need_str(obj, "prompt", where)}
+  raise ValueError(f"record kind {kind!r}; expected one of {KINDS}")
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+  """(1-based line number, text without the newline) of every non-blank line; ValueError on bad UTF-8."""
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid UTF-8 ({e})") from e
+      if line.strip():
+        yield n, line
+
+
+def read_jsonl(path: str, kind: str, text_key: str = "text") -> Iterator[dict]:
+  """Validated records of a JSONL file, each with `origin` = "path:line"; blank lines are skipped."""
+  for n, line in _lines(path):
+    where = f"{path}:{n}"
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from e
+    yield {**validate_record(obj, kind, where, text_key), "origin": where}
+
+
+def read_records(path: str, kind: str, text_key: str = "text") -> Iterator[dict]:
+  """Records of one local file: `.jsonl` is JSON per line; any other file is text, one document per line."""
+  if path.endswith(".jsonl"):
+    yield from read_jsonl(path, kind, text_key)
+  elif kind != "text":
+    raise ValueError(f"{path}: {kind} data must be a .jsonl file")
+  else:
+    for n, line in _lines(path):
+      yield {"text": line, "origin": f"{path}:{n}"}
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+
+def _features(kind: str):
+  text = tfds.features.Text()
+  fields = {"text": ["text"], "sft": ["prompt", "response"], "comparison": ["prompt"], "prompt": ["prompt"]}[kind]
+  features = {"origin": text, **{f: text for f in fields}}
+  if kind == "comparison":
+    features.update(responses=tfds.features.Sequence(text), ranking=tfds.features.Sequence(np.int32))
+  return tfds.features.FeaturesDict(features)
+
+
+class LocalRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """TFDS builder over validated local files: one `train` split in file order."""
+  VERSION = tfds.core.Version(_FORMAT_VERSION)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):  # no checksums file; TFDS's lookup for a package module needs importlib_resources
+    return None
+
+  def __init__(self, kind: str, files: Sequence[str], text_key: str = "text", **kwargs):
+    self._kind, self._files, self._text_key = kind, list(files), text_key
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=_features(self._kind), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    i = 0
+    for path in self._files:
+      start = i
+      for record in read_records(path, self._kind, self._text_key):
+        yield i, record
+        i += 1
+      if i == start:
+        raise ValueError(f"{path}: no records (empty file)")
+
+
+def _content_key(files: Sequence[str], kind: str, text_key: str) -> str:
+  h = hashlib.sha256(f"{_FORMAT_VERSION}|{kind}|{text_key}".encode())
+  for path in files:
+    h.update(f"|{os.path.abspath(path)}|".encode())
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()[:16]
+
+
+def _decode(x: Any) -> Any:
+  if isinstance(x, bytes):
+    return x.decode("utf-8")
+  if isinstance(x, (list, tuple, np.ndarray)):
+    return [_decode(v) for v in x]
+  return x.item() if isinstance(x, np.generic) else x
+
+
+class Records:
+  """Random access to validated records (dicts with `origin`) of local files or a registered TFDS split."""
+
+  def __init__(self, source: str | Sequence[str], kind: str, workdir: str, split: str = "train",
+               text_key: str = "text", tfds_data_dir: str | None = None):
+    self.kind, self.text_key = kind, text_key
+    self._local = not (isinstance(source, str) and source.startswith("tfds:"))
+    if self._local:
+      files = [f.strip() for f in source.split(",") if f.strip()] if isinstance(source, str) else list(source)
+      self.name, self._ds = ",".join(files), _local_split(files, kind, text_key, workdir)
+    else:
+      self.name, self._ds = source, _tfds_split(source[5:], split, tfds_data_dir)
+    if len(self._ds) == 0:
+      raise ValueError(f"{self.name}: no records")
+    self[0]  # a registered dataset without the expected fields fails here, not mid-training
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, i: int) -> dict:
+    record = {k: _decode(v) for k, v in self._ds[int(i)].items()}
+    if self._local:
+      return record
+    where = f"{self.name}[{i}]"
+    return {**validate_record(record, self.kind, where, self.text_key), "origin": where}
+
+
+def _local_split(files: Sequence[str], kind: str, text_key: str, workdir: str):
+  """Validated local files as an array_record data source, built once under workdir/tfds/<kind>-<hash>."""
+  if not files:
+    raise ValueError("no data files given")
+  for f in files:
+    if not os.path.isfile(f):
+      raise ValueError(f"data file {f!r} does not exist")
+  data_dir = os.path.join(workdir, "tfds", f"{kind}-{_content_key(files, kind, text_key)}")
+  make = lambda: LocalRecords(kind, files, text_key, data_dir=data_dir, file_format="array_record")
+  builder = make()
+  if not builder.is_prepared():
+    tfds.disable_progress_bar()
+    try:
+      builder.download_and_prepare()
+    except ValueError:
+      raise
+    except Exception:  # another process sharing the workdir may have finished the same build first
+      builder = make()
+      if not builder.is_prepared():
+        raise
+  return builder.as_data_source("train")
+
+
+def _tfds_split(name: str, split: str, data_dir: str | None):
+  """A registered TFDS split as an array_record data source (prepared first if absent: may download)."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"tfds:{name}: no registered TFDS dataset of that name") from e
+  if not builder.is_prepared():
+    builder.download_and_prepare(file_format="array_record")
+  return builder.as_data_source(split)
+
+
+# ------------------------------------------------------------------------------------------- examples
+
+
+def _fit_prompt(prompt_ids: list[int], extra: int, limit: int, truncate: bool, where: str, what: str):
+  """`prompt_ids`, cut from the left when allowed, so that len + extra <= limit; else ValueError naming `where`."""
+  if len(prompt_ids) + extra <= limit:
+    return prompt_ids
+  keep = limit - extra
+  if truncate and keep > 0:
+    return prompt_ids[-keep:]
+  hint = "even with the prompt truncated" if truncate else "(truncate_prompt=True cuts the prompt from the left)"
+  raise ValueError(f"{where}: {len(prompt_ids) + extra} tokens (prompt {len(prompt_ids)} + {extra} more) exceed "
+                   f"{what} {hint}")
+
+
+def _shifted(seq: list[int], loss_from: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs, targets, loss_mask) of a framed sequence; the mask is 1 where the target index >= loss_from."""
+  seq = np.asarray(seq, np.int32)
+  mask = (np.arange(1, len(seq)) >= loss_from).astype(np.float32)
+  return seq[:-1], seq[1:], mask
+
+
+def lm_pieces(record: dict, tok: Tokenizer, seq_len: int) -> list:
+  """[bos] + text + [eos] shifted into (inputs, targets, loss_mask) chunks of at most seq_len."""
+  inputs, targets, mask = _shifted([tok.bos_id] + tok.encode(record["text"]) + [tok.eos_id], 1)
+  return [(inputs[s:s + seq_len], targets[s:s + seq_len], mask[s:s + seq_len])
+          for s in range(0, len(inputs), seq_len)]
+
+
+def sft_pieces(record: dict, tok: Tokenizer, seq_len: int, truncate: bool = False) -> list:
+  """[bos] + prompt + response + [eos] shifted; loss_mask = 1 where the target is a response token or eos."""
+  response = tok.encode(record["response"]) + [tok.eos_id]
+  prompt = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1 + len(response), seq_len + 1, truncate,
+                                      record["origin"], f"seq_len={seq_len} (at most {seq_len + 1} before the input/target shift)")
+  return [_shifted(prompt + response, len(prompt))]
+
+
+def comparison_pieces(record: dict, tok: Tokenizer, seq_len: int, max_responses: int,
+                      truncate: bool = False) -> list:
+  """One row: K responses, each [bos] + prompt + response + [eos] right-padded to seq_len, in max_responses slots."""
+  k = len(record["responses"])
+  if k > max_responses:
+    raise ValueError(f"{record['origin']}: {k} responses but max_responses={max_responses}")
+  responses = [tok.encode(r) + [tok.eos_id] for r in record["responses"]]
+  prompt = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1 + max(map(len, responses)), seq_len,
+                                      truncate, record["origin"], f"seq_len={seq_len}")
+  row = {"tokens": np.full((max_responses, seq_len), tok.pad_id, np.int32),
+         "segment_ids": np.zeros((max_responses, seq_len), np.int32),
+         "positions": np.zeros((max_responses, seq_len), np.int32),
+         "last_idx": np.zeros(max_responses, np.int32), "rank": np.full(max_responses, -1, np.int32),
+         "valid": np.zeros(max_responses, np.float32)}
+  for i, response in enumerate(responses):
+    n = len(prompt) + len(response)
+    row["tokens"][i, :n] = prompt + response
+    row["segment_ids"][i, :n] = 1
+    row["positions"][i, :n] = np.arange(n)
+    row["last_idx"][i], row["valid"][i] = n - 1, 1.0
+  row["rank"][np.asarray(record["ranking"])] = np.arange(k)
+  return [row]
+
+
+def prompt_pieces(record: dict, tok: Tokenizer, prompt_len: int, truncate: bool = False) -> list:
+  """One row: [bos] + prompt left-padded to prompt_len, its mask, and the prompt string."""
+  ids = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1, prompt_len, truncate, record["origin"],
+                                   f"prompt_len={prompt_len}")
+  tokens = np.full(prompt_len, tok.pad_id, np.int32)
+  mask = np.zeros(prompt_len, np.float32)
+  tokens[prompt_len - len(ids):], mask[prompt_len - len(ids):] = ids, 1.0
+  return [{"prompt_tokens": tokens, "prompt_mask": mask, "prompts": record["prompt"]}]
+
+
+def pack(pieces: Sequence[tuple], seq_len: int, pad_id: int) -> dict:
+  """One packed row from (inputs, targets, loss_mask) pieces whose lengths sum to <= seq_len."""
+  row = {k: np.zeros(seq_len, np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
+  row["inputs"][:], row["targets"][:] = pad_id, pad_id
+  row["loss_mask"] = np.zeros(seq_len, np.float32)
+  at = 0
+  for segment, (inputs, targets, mask) in enumerate(pieces, 1):
+    span = slice(at, at + len(inputs))
+    row["inputs"][span], row["targets"][span], row["loss_mask"][span] = inputs, targets, mask
+    row["positions"][span], row["segment_ids"][span] = np.arange(len(inputs)), segment
+    at += len(inputs)
+  return row
+
+
+def num_tokens(batch: dict) -> int:
+  """Non-pad token positions in a batch (each packed position has a target); loss tokens are loss_mask.sum()."""
+  if "prompt_mask" in batch:
+    return int(np.sum(batch["prompt_mask"]))
+  return int(np.count_nonzero(batch["segment_ids"]))
+
+
+def _collate(rows: Sequence[dict]) -> dict:
+  return {k: np.stack([r[k] for r in rows]) if isinstance(v, np.ndarray) else [r[k] for r in rows]
+          for k, v in rows[0].items()}
+
+
+def _empty_like(row: dict) -> dict:
+  return {k: np.zeros_like(v) if isinstance(v, np.ndarray) else type(v)() for k, v in row.items()}
+
+
+# ------------------------------------------------------------------------------------------- loaders
+
+
+class _Stream:
+  """Rows from records in a per-epoch order; (epoch, position, chunk) names the next piece to place."""
+
+  def __init__(self, records: Records, order_fn: Callable[[int], np.ndarray], pieces_fn: Callable,
+               pack_fn: Callable | None, seq_len: int, finite: bool):
+    self.records, self.order_fn, self.pieces_fn, self.pack_fn = records, order_fn, pieces_fn, pack_fn
+    self.seq_len, self.finite = seq_len, finite
+    self.epoch = self.position = self.chunk = 0
+    self._order_epoch, self._cache_key = None, None
+
+  def _pieces(self) -> list:
+    if self._order_epoch != self.epoch:
+      self._order, self._order_epoch = self.order_fn(self.epoch), self.epoch
+    key = (self.epoch, self.position)
+    if self._cache_key != key:
+      self._cache, self._cache_key = self.pieces_fn(self.records[self._order[self.position]]), key
+    return self._cache
+
+  def _advance(self, num_pieces: int) -> None:
+    self.chunk += 1
+    if self.chunk == num_pieces:
+      self.chunk, self.position = 0, self.position + 1
+      if self.position == len(self._order):
+        self.position, self.epoch = 0, self.epoch + 1
+
+  def done(self) -> bool:
+    return self.finite and self.epoch > 0
+
+  def next_row(self) -> dict:
+    """The next row: one record's row, or (packing) as many whole pieces as fit next-fit into seq_len."""
+    if self.pack_fn is None:
+      pieces = self._pieces()
+      self._advance(len(pieces))
+      return pieces[0]
+    taken, used = [], 0
+    while not self.done():
+      pieces = self._pieces()
+      if used + len(pieces[self.chunk][0]) > self.seq_len:
+        break
+      taken.append(pieces[self.chunk])
+      used += len(taken[-1][0])
+      self._advance(len(pieces))
+    return self.pack_fn(taken)
+
+
+class Loader:
+  """Infinite iterator of host-local training batches; `get_state`/`set_state` resume the exact stream."""
+
+  def __init__(self, stream: _Stream, host_batch: int):
+    self.stream, self.host_batch = stream, host_batch
+    self.num_records = len(stream.order_fn(0))
+
+  def __iter__(self) -> "Loader":
+    return self
+
+  def __next__(self) -> dict:
+    return _collate([self.stream.next_row() for _ in range(self.host_batch)])
+
+  def get_state(self) -> dict:
+    s = self.stream
+    return {"epoch": s.epoch, "position": s.position, "chunk": s.chunk, "records": self.num_records}
+
+  def set_state(self, state: dict) -> None:
+    """Resumes at `state` from `get_state`; ValueError if it was saved for a different shard of data."""
+    if int(state.get("records", -1)) != self.num_records or not 0 <= int(state["position"]) < self.num_records:
+      raise ValueError(f"loader state {state} does not fit this data ({self.num_records} records on this host); "
+                       f"did the data files or process_count change?")
+    s = self.stream
+    s.epoch, s.position, s.chunk = int(state["epoch"]), int(state["position"]), int(state["chunk"])
+
+
+class EvalLoader:
+  """One unshuffled pass per `iter()`: global batches built identically on every host, this host's slice."""
+
+  def __init__(self, make_stream: Callable[[], _Stream], host_batch: int, process_index: int, process_count: int):
+    self.make_stream, self.host_batch = make_stream, host_batch
+    self.process_index, self.process_count = process_index, process_count
+
+  def __iter__(self) -> Iterator[dict]:
+    stream, global_batch = self.make_stream(), self.host_batch * self.process_count
+    lo = self.process_index * self.host_batch
+    while not stream.done():
+      rows = []
+      while len(rows) < global_batch and not stream.done():
+        rows.append(stream.next_row())
+      rows += [_empty_like(rows[0])] * (global_batch - len(rows))
+      yield _collate(rows[lo:lo + self.host_batch])
+
+
+def host_batch_size(batch_size: int, process_count: int, local_device_count: int, field: str) -> int:
+  """Rows per host; ValueError naming `field` unless they split evenly over hosts and local devices."""
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"{field}={batch_size} must be a positive multiple of process_count={process_count}")
+  rows = batch_size // process_count
+  if rows % local_device_count:
+    raise ValueError(f"{field}={batch_size} gives {rows} rows per host, not divisible by the local device count "
+                     f"({local_device_count})")
+  return rows
+
+
+LOADER_OPTIONS = {  # keyword options of every make_*_loader
+    "train": True,  # False: one unshuffled pass, last batch padded with empty rows (EvalLoader)
+    "split": "train",  # split of a "tfds:NAME" source (local files are one split)
+    "text_key": "text",  # text field of JSONL / TFDS records for the LM loader
+    "tfds_data_dir": None,  # where "tfds:NAME" datasets are prepared (None: TFDS's default)
+    "local_device_count": None,  # devices per host the host batch must divide (None: jax's)
+    "batch_field": "data.batch_size",  # config name used in batch-size errors
+}
+
+
+def _loader(kind: str, source, workdir: str, pieces_fn: Callable, pack_fn: Callable | None, seq_len: int,
+            batch_size: int, seed: int, process_index: int, process_count: int, options: dict):
+  """A training Loader (shuffled per epoch, host shard) or, with train=False, an EvalLoader."""
+  unknown = sorted(set(options) - set(LOADER_OPTIONS))
+  if unknown:
+    raise TypeError(f"unknown loader option(s) {unknown}; expected some of {sorted(LOADER_OPTIONS)}")
+  opts = {**LOADER_OPTIONS, **options}
+  devices = opts["local_device_count"]
+  if devices is None:
+    from rlhf_jax import parallel  # the one device-aware module
+    devices = parallel.device_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+  rows = host_batch_size(batch_size, process_count, devices, opts["batch_field"])
+  records = Records(source, kind, workdir, opts["split"], opts["text_key"], opts["tfds_data_dir"])
+  n = len(records)
+  if kind != "text":  # every record tokenized once now, so a bad one fails before any step is compiled
+    for i in range(n):
+      pieces_fn(records[i])
+  if not opts["train"]:
+    return EvalLoader(lambda: _Stream(records, lambda e: np.arange(n), pieces_fn, pack_fn, seq_len, True),
+                      rows, process_index, process_count)
+  if n < process_count:
+    raise ValueError(f"{records.name}: {n} records cannot be split over process_count={process_count} hosts")
+
+  def order(epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n)[process_index::process_count]
+
+  return Loader(_Stream(records, order, pieces_fn, pack_fn, seq_len, False), rows)
+
+
+def make_lm_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, workdir: str,
+                   process_index: int = 0, process_count: int = 1, **options):
+  """Packed LM batches from text files (a document per line), JSONL {text_key}, or "tfds:NAME" + text_key."""
+  return _loader("text", source, workdir, lambda r: lm_pieces(r, tokenizer, seq_len),
+                 lambda p: pack(p, seq_len, tokenizer.pad_id), seq_len, batch_size, seed, process_index,
+                 process_count, options)
+
+
+def make_sft_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, workdir: str,
+                    process_index: int = 0, process_count: int = 1, truncate_prompt: bool = False, **options):
+  """Packed SFT batches (loss on response tokens + eos) from JSONL {prompt, response}."""
+  return _loader("sft", source, workdir, lambda r: sft_pieces(r, tokenizer, seq_len, truncate_prompt),
+                 lambda p: pack(p, seq_len, tokenizer.pad_id), seq_len, batch_size, seed, process_index,
+                 process_count, options)
+
+
+def make_comparison_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int, max_responses: int,
+                           seed: int, workdir: str, process_index: int = 0, process_count: int = 1,
+                           truncate_prompt: bool = False, **options):
+  """Reward-model batches (B, max_responses, L) from JSONL comparisons (ranking or chosen/rejected)."""
+  return _loader("comparison", source, workdir,
+                 lambda r: comparison_pieces(r, tokenizer, seq_len, max_responses, truncate_prompt), None,
+                 seq_len, batch_size, seed, process_index, process_count, options)
+
+
+def make_prompt_loader(source, tokenizer: Tokenizer, prompt_len: int, batch_size: int, seed: int, workdir: str,
+                       process_index: int = 0, process_count: int = 1, truncate_prompt: bool = False, **options):
+  """RL prompt batches: left-padded [bos] + prompt (B, P), its mask, and the prompt strings."""
+  return _loader("prompt", source, workdir, lambda r: prompt_pieces(r, tokenizer, prompt_len, truncate_prompt),
+                 None, prompt_len, batch_size, seed, process_index, process_count,
+                 {"batch_field": "ppo.batch_size", **options})

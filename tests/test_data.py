@@ -1,0 +1,336 @@
+"""Data pipeline tests: a real sentencepiece model, real TFDS array_record builds over local files."""
+import collections
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from rlhf_jax import data, tokenizer
+
+CORPUS = os.path.join(os.path.dirname(__file__), "testdata", "spm", "corpus.txt")
+with open(CORPUS, encoding="utf-8") as _f:
+  LINES = _f.read().splitlines()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return tokenizer.train_tokenizer(CORPUS, str(tmp_path_factory.mktemp("spm") / "tok"), vocab_size=512)
+
+
+def _jsonl(path, records):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+  return str(path)
+
+
+def _segments(row):
+  """(inputs, targets, loss_mask) per segment of a packed row, checking segment ids and positions."""
+  seg = row["segment_ids"]
+  used = int(np.count_nonzero(seg))
+  assert (seg[:used] > 0).all() and (seg[used:] == 0).all(), seg
+  assert (np.diff(seg[:used]) >= 0).all() and (np.diff(seg[:used]) <= 1).all() and (used == 0 or seg[0] == 1)
+  np.testing.assert_array_equal(row["loss_mask"][used:], 0)
+  np.testing.assert_array_equal(row["inputs"][used:], 0)
+  out = []
+  for s in range(1, int(seg.max(initial=0)) + 1):
+    m = seg == s
+    np.testing.assert_array_equal(row["positions"][m], np.arange(m.sum()))
+    out.append((tuple(row["inputs"][m]), tuple(row["targets"][m]), tuple(row["loss_mask"][m])))
+  return out
+
+
+def _rows(batch):
+  return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["segment_ids"]))]
+
+
+def _lm_chunks(tok, docs, seq_len):
+  """Hand-made (inputs, targets) chunks of [bos] + ids + [eos] per document, in document order."""
+  out = []
+  for doc in docs:
+    d = [tok.bos_id] + tok.encode(doc) + [tok.eos_id]
+    out += [(tuple(d[s:s + seq_len][:len(d) - 1 - s]), tuple(d[s + 1:s + 1 + seq_len]))
+            for s in range(0, len(d) - 1, seq_len)]
+  return out
+
+
+def _lm_docs(tmp_path):
+  docs = LINES + [" ".join(LINES[:4]), "x"]  # one document many chunks long, one of two tokens
+  path = tmp_path / "corpus.txt"
+  path.write_text("\n".join(docs[:10]) + "\n\n" + "\n".join(docs[10:]) + "\n", encoding="utf-8")  # a blank line
+  return str(path), docs
+
+
+def test_lm_packing_each_chunk_once_per_epoch(tok, tmp_path):
+  path, docs = _lm_docs(tmp_path)
+  seq_len = 24
+  expected = _lm_chunks(tok, docs, seq_len)
+  assert max(len(c[0]) for c in expected) == seq_len and len(expected) > len(docs)  # some docs were split
+  loader = data.make_lm_loader(path, tok, seq_len, 4, 7, str(tmp_path), local_device_count=2)
+  rows, pieces = [], []
+  for _ in range(10 * len(expected)):  # bounded: a packer that stops making progress fails, not hangs
+    if len(pieces) >= 2 * len(expected) + 10:
+      break
+    batch = next(loader)
+    assert batch["inputs"].shape == (4, seq_len) and batch["inputs"].dtype == np.int32
+    assert batch["loss_mask"].dtype == np.float32
+    for row in _rows(batch):
+      rows.append(_segments(row))
+      pieces += rows[-1]
+  for r in rows:  # loss on every real target; rows pack whole chunks next-fit
+    assert all(all(m == 1.0 for m in p[2]) for p in r)
+  for a, b in zip(rows, rows[1:]):
+    assert sum(len(p[0]) for p in a) + len(b[0][0]) > seq_len
+  n = len(expected)
+  want = collections.Counter(c[:2] for c in expected)
+  epoch0, epoch1 = [p[:2] for p in pieces[:n]], [p[:2] for p in pieces[n:2 * n]]
+  assert collections.Counter(epoch0) == want and collections.Counter(epoch1) == want
+  assert epoch0 != epoch1 and epoch0 != [c[:2] for c in expected]  # reshuffled every epoch
+  for doc in docs:  # a document's chunks stay consecutive and in order
+    chunks = _lm_chunks(tok, [doc], seq_len)
+    at = epoch0.index(chunks[0])
+    assert epoch0[at:at + len(chunks)] == chunks
+
+
+def test_lm_eval_pass_is_ordered_padded_and_counts_tokens(tok, tmp_path):
+  path, docs = _lm_docs(tmp_path)
+  seq_len = 32
+  expected = _lm_chunks(tok, docs, seq_len)
+  loader = data.make_lm_loader(path, tok, seq_len, 8, 0, str(tmp_path), train=False, local_device_count=1)
+  for _ in range(2):  # every iteration is the same finite pass
+    batches = list(loader)
+    pieces = [p[:2] for b in batches for row in _rows(b) for p in _segments(row)]
+    assert pieces == expected
+  assert all(b["inputs"].shape == (8, seq_len) for b in batches)
+  assert (batches[-1]["segment_ids"][-1] == 0).all()  # the last batch is padded with empty rows
+  assert sum(data.num_tokens(b) for b in batches) == sum(len(c[0]) for c in expected)
+
+
+def _sft_records():
+  recs = [{"prompt": f"Question: {LINES[i]}\n", "response": LINES[i + 1]} for i in range(0, 12, 2)]
+  return recs + [{"prompt": "Sort the letters d a c b:\n", "response": " a b c d"}]
+
+
+def test_sft_loss_mask_covers_exactly_the_response(tok, tmp_path):
+  recs = _sft_records()
+  path = _jsonl(tmp_path / "sft.jsonl", recs)
+  seq_len = 128
+  loader = data.make_sft_loader(path, tok, seq_len, 4, 0, str(tmp_path), train=False, local_device_count=1)
+  pieces = [p for b in loader for row in _rows(b) for p in _segments(row)]
+  assert len(pieces) == len(recs)
+  for (inputs, targets, mask), r in zip(pieces, recs):
+    p, resp = tok.encode(r["prompt"]), tok.encode(r["response"])
+    full = [tok.bos_id] + p + resp + [tok.eos_id]
+    assert inputs == tuple(full[:-1]) and targets == tuple(full[1:])
+    assert mask == tuple([0.0] * len(p) + [1.0] * (len(resp) + 1))
+  train = data.make_sft_loader(path, tok, seq_len, 4, 0, str(tmp_path), local_device_count=1)
+  assert max(len(_segments(r)) for r in _rows(next(train))) > 1  # several examples share a row
+
+
+def test_sft_too_long_errors_or_truncates_prompt_from_the_left(tok, tmp_path):
+  recs = [{"prompt": "Hi\n", "response": "Hello."}, {"prompt": "2+2?\n", "response": "4"},
+          {"prompt": " ".join(LINES[:3]) + "\n", "response": "Answer: 42."}]
+  path = _jsonl(tmp_path / "sft.jsonl", recs)
+  with pytest.raises(ValueError, match=re.escape(f"{path}:3:") + ".*truncate_prompt"):
+    data.make_sft_loader(path, tok, 32, 2, 0, str(tmp_path), local_device_count=1)
+  loader = data.make_sft_loader(path, tok, 32, 4, 0, str(tmp_path), train=False, truncate_prompt=True,
+                                local_device_count=1)
+  inputs, targets, mask = [p for b in loader for row in _rows(b) for p in _segments(row)][2]
+  resp = tok.encode("Answer: 42.") + [tok.eos_id]
+  full = [tok.bos_id] + tok.encode(recs[2]["prompt"])[-(32 - len(resp)):] + resp
+  assert len(inputs) == 32 and inputs == tuple(full[:-1]) and targets == tuple(full[1:])
+  assert sum(mask) == len(resp)
+
+
+def test_comparison_batch_fields(tok, tmp_path):
+  recs = [{"prompt": "Pick one:\n", "responses": ["red", "blue"], "ranking": [1, 0]},
+          {"prompt": "Count to three:\n", "responses": ["1 2 3", "one", "1 2"], "ranking": [0, 2, 1]},
+          {"prompt": "Say hi:\n", "responses": ["hi", "hello there", "hey", "yo"], "ranking": [3, 1, 0, 2]},
+          {"prompt": "Is 7 prime?\n", "chosen": "Yes.", "rejected": "No."}]
+  path = _jsonl(tmp_path / "cmp.jsonl", recs)
+  seq_len, kmax = 20, 4
+  loader = data.make_comparison_loader(path, tok, seq_len, 4, kmax, 0, str(tmp_path), train=False,
+                                       local_device_count=1)
+  (batch,) = list(loader)
+  assert batch["tokens"].shape == (4, kmax, seq_len) and batch["rank"].shape == (4, kmax)
+  for i, r in enumerate(recs):
+    responses = r.get("responses", [r.get("chosen"), r.get("rejected")])
+    ranking = r.get("ranking", [0, 1])
+    for k in range(kmax):
+      seq = [tok.bos_id] + tok.encode(r["prompt"]) + tok.encode(responses[k]) + [tok.eos_id] if k < len(
+          responses) else []
+      n = len(seq)
+      np.testing.assert_array_equal(batch["tokens"][i, k], seq + [0] * (seq_len - n))
+      np.testing.assert_array_equal(batch["segment_ids"][i, k], [1] * n + [0] * (seq_len - n))
+      np.testing.assert_array_equal(batch["positions"][i, k, :n], np.arange(n))
+      assert batch["valid"][i, k] == float(k < len(responses))
+      assert batch["last_idx"][i, k] == max(n - 1, 0)
+      assert batch["rank"][i, k] == (ranking.index(k) if k < len(responses) else -1)
+  bad = _jsonl(tmp_path / "k5.jsonl", recs[:1] + [{"prompt": "p", "responses": list("abcde"),
+                                                   "ranking": [0, 1, 2, 3, 4]}])
+  with pytest.raises(ValueError, match=re.escape(f"{bad}:2:") + ".*5 responses.*max_responses=4"):
+    data.make_comparison_loader(bad, tok, seq_len, 2, kmax, 0, str(tmp_path), local_device_count=1)
+
+
+def test_prompts_left_padded_and_eval_slices_per_host(tok, tmp_path):
+  prompts = [f"Question: {line}\n" for line in LINES[:10]]
+  path = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+  P = 64
+  per_host = []
+  for host in range(2):
+    loader = data.make_prompt_loader(path, tok, P, 4, 0, str(tmp_path), host, 2, train=False,
+                                     local_device_count=2)
+    per_host.append(list(loader))
+  assert len(per_host[0]) == len(per_host[1]) == 3  # ceil(10 / 4) global batches on both hosts
+  for host in range(2):
+    for b, batch in enumerate(per_host[host]):
+      for j in range(2):
+        i = 4 * b + 2 * host + j  # global row of this host's slot
+        if i >= len(prompts):
+          assert batch["prompts"][j] == "" and (batch["prompt_mask"][j] == 0).all()
+          continue
+        ids = [tok.bos_id] + tok.encode(prompts[i])
+        assert batch["prompts"][j] == prompts[i]
+        np.testing.assert_array_equal(batch["prompt_tokens"][j], [0] * (P - len(ids)) + ids)
+        np.testing.assert_array_equal(batch["prompt_mask"][j], [0] * (P - len(ids)) + [1] * len(ids))
+  with pytest.raises(ValueError, match=re.escape(f"{path}:1:") + ".*prompt_len=5"):
+    data.make_prompt_loader(path, tok, 5, 4, 0, str(tmp_path), local_device_count=1)
+  short = data.make_prompt_loader(path, tok, 5, 4, 0, str(tmp_path), train=False, truncate_prompt=True,
+                                  local_device_count=1)
+  np.testing.assert_array_equal(next(iter(short))["prompt_tokens"][0], [tok.bos_id] + tok.encode(prompts[0])[-4:])
+
+
+def test_training_shards_are_disjoint_per_host(tok, tmp_path):
+  prompts = [f"p{i}: {line}\n" for i, line in enumerate(LINES[:10])]
+  path = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+  seen = []
+  for host in range(2):
+    loader = data.make_prompt_loader(path, tok, 64, 2, 3, str(tmp_path), host, 2, local_device_count=1)
+    seen.append([p for _ in range(5) for p in next(loader)["prompts"]])  # 5 rows = one epoch of this shard
+    assert loader.get_state()["epoch"] == 1 and loader.get_state()["records"] == 5
+  assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == sorted(prompts)
+
+
+def test_resume_from_state_equals_uninterrupted_stream(tok, tmp_path):
+  path, _ = _lm_docs(tmp_path)
+  make = lambda seed: data.make_lm_loader(path, tok, 8, 4, seed, str(tmp_path), local_device_count=1)
+  a = make(5)
+  while a.get_state()["chunk"] == 0:  # stop in the middle of a document
+    next(a)
+  state = json.loads(json.dumps(a.get_state()))
+  assert all(isinstance(v, int) for v in state.values())
+  rest = [next(a) for _ in range(60)]  # runs past the epoch boundary
+  assert a.get_state()["epoch"] >= 1
+  b = make(5)
+  b.set_state(state)
+  for x, y in zip(rest, [next(b) for _ in range(60)]):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  c, d = make(5), make(6)
+  assert not all(np.array_equal(next(c)["inputs"], next(d)["inputs"]) for _ in range(3))
+  with pytest.raises(ValueError, match="does not fit this data"):
+    b.set_state({**state, "records": state["records"] + 1})
+
+
+def test_batch_size_checks(tok, tmp_path):
+  path = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a\n"}, {"prompt": "b\n"}])
+  with pytest.raises(ValueError, match=r"data\.batch_size=6 gives 6 rows per host.*local device count \(4\)"):
+    data.make_lm_loader(CORPUS, tok, 8, 6, 0, str(tmp_path), local_device_count=4)
+  with pytest.raises(ValueError, match=r"ppo\.batch_size=6 gives 6 rows.*\(4\)"):  # default: jax's local devices
+    data.make_prompt_loader(path, tok, 8, 6, 0, str(tmp_path))
+  with pytest.raises(ValueError, match=r"rm\.batch=3 must be a positive multiple of process_count=2"):
+    data.make_comparison_loader(path, tok, 8, 3, 2, 0, str(tmp_path), 0, 2, batch_field="rm.batch")
+
+
+_LOADERS = {
+    "text": lambda p, tok, wd: data.make_lm_loader(p, tok, 16, 2, 0, wd, local_device_count=1),
+    "sft": lambda p, tok, wd: data.make_sft_loader(p, tok, 16, 2, 0, wd, local_device_count=1),
+    "comparison": lambda p, tok, wd: data.make_comparison_loader(p, tok, 16, 2, 4, 0, wd, local_device_count=1),
+    "prompt": lambda p, tok, wd: data.make_prompt_loader(p, tok, 16, 2, 0, wd, local_device_count=1),
+}
+_GOOD = {"text": {"text": "a b"}, "sft": {"prompt": "a", "response": "b"}, "prompt": {"prompt": "a"},
+         "comparison": {"prompt": "a", "chosen": "b", "rejected": "c"}}
+
+
+@pytest.mark.parametrize("kind,line,message", [
+    ("sft", '{"prompt": "a", "response": ', "bad JSON"),
+    ("sft", '[1, 2]', "expected a JSON object"),
+    ("sft", '{"prompt": "a"}', "missing field 'response'"),
+    ("sft", '{"prompt": "a", "response": 5}', "'response' must be a string"),
+    ("sft", '{"prompt": " ", "response": "b"}', "'prompt' is empty"),
+    ("prompt", '{"prompt": ["a"]}', "'prompt' must be a string"),
+    ("text", '{"txt": "a"}', "missing field 'text'"),
+    ("comparison", '{"prompt": "a", "responses": ["x"], "ranking": [0]}', "K >= 2"),
+    ("comparison", '{"prompt": "a", "responses": ["x", "y"], "ranking": [0, 0]}', "not a permutation"),
+    ("comparison", '{"prompt": "a", "responses": ["x", "y"], "ranking": [1, 2]}', "not a permutation"),
+    ("comparison", '{"prompt": "a", "responses": ["x", "y"], "ranking": [true, false]}', "list of integers"),
+    ("comparison", '{"prompt": "a", "responses": ["x", ""], "ranking": [0, 1]}', r"'responses\[1\]' is empty"),
+    ("comparison", '{"prompt": "a", "chosen": "x"}', "missing field 'rejected'"),
+    ("comparison", '{"prompt": "a", "responses": "xy", "ranking": [0, 1]}', "list of strings"),
+])
+def test_bad_records_name_file_and_line(tok, tmp_path, kind, line, message):
+  path = _jsonl(tmp_path / "bad.jsonl", [_GOOD[kind], line])
+  with pytest.raises(ValueError, match=re.escape(f"{path}:2: ") + ".*" + message):
+    _LOADERS[kind](path, tok, str(tmp_path))
+
+
+def test_missing_empty_and_undecodable_files(tok, tmp_path):
+  with pytest.raises(ValueError, match="nope.jsonl"):
+    _LOADERS["sft"](str(tmp_path / "nope.jsonl"), tok, str(tmp_path))
+  (tmp_path / "empty.jsonl").write_text("\n\n")
+  with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty.jsonl")) + ".*no records"):
+    _LOADERS["prompt"](str(tmp_path / "empty.jsonl"), tok, str(tmp_path))
+  (tmp_path / "bytes.txt").write_bytes(b"fine\n\xff\xfe bad\n")
+  with pytest.raises(ValueError, match=re.escape(str(tmp_path / "bytes.txt")) + ":2: not valid UTF-8"):
+    _LOADERS["text"](str(tmp_path / "bytes.txt"), tok, str(tmp_path))
+  with pytest.raises(ValueError, match="must be a .jsonl file"):
+    _LOADERS["sft"](str(tmp_path / "bytes.txt"), tok, str(tmp_path))
+
+
+def test_cache_is_keyed_by_content(tok, tmp_path):
+  path = tmp_path / "prompts.jsonl"
+  first = lambda: next(iter(data.make_prompt_loader(str(path), tok, 16, 1, 0, str(tmp_path), train=False,
+                                                    local_device_count=1)))["prompts"][0]
+  _jsonl(path, [{"prompt": "old\n"}])
+  assert first() == "old\n"
+  _jsonl(path, [{"prompt": "new\n"}])
+  assert first() == "new\n"
+  _jsonl(path, [{"prompt": "old\n"}])
+  assert first() == "old\n"
+  assert len(os.listdir(tmp_path / "tfds")) == 2  # the first build was reused
+
+
+class RlhfJaxToySentences(tfds.core.GeneratorBasedBuilder):
+  """A registered TFDS dataset generated locally (no download), read by name like "tfds:lm1b"."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    return None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"sentence": tfds.features.Text()}), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(LINES[:6]), "test": self._generate_examples(LINES[6:9])}
+
+  def _generate_examples(self, lines):
+    for i, line in enumerate(lines):
+      yield i, {"sentence": line}
+
+
+def test_registered_tfds_dataset_by_name(tok, tmp_path):
+  tfds_dir = str(tmp_path / "tfds_data")
+  loader = data.make_lm_loader("tfds:rlhf_jax_toy_sentences", tok, 64, 4, 0, str(tmp_path), train=False,
+                               split="test", text_key="sentence", tfds_data_dir=tfds_dir, local_device_count=1)
+  pieces = [p[:2] for b in loader for row in _rows(b) for p in _segments(row)]
+  assert pieces == _lm_chunks(tok, LINES[6:9], 64)
+  with pytest.raises(ValueError, match=re.escape("tfds:rlhf_jax_toy_sentences[0]: missing field 'text'")):
+    data.make_lm_loader("tfds:rlhf_jax_toy_sentences", tok, 64, 4, 0, str(tmp_path), tfds_data_dir=tfds_dir,
+                        local_device_count=1)
+  with pytest.raises(ValueError, match="tfds:no_such_dataset_xyz: no registered TFDS dataset"):
+    data.make_lm_loader("tfds:no_such_dataset_xyz", tok, 64, 4, 0, str(tmp_path), tfds_data_dir=tfds_dir,
+                        local_device_count=1)
