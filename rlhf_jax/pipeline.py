@@ -69,8 +69,12 @@ def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str
       ranking = tasks.rank_responses(prompt, candidates, rng, task_cfg.comparison_noise_rate,
                                      task_cfg.fabrication_penalty)
       records.append({"prompt": prompt, "responses": candidates, "ranking": ranking})
+  if not records and split == "train":
+    raise ValueError(f"comparisons: for every one of {len(prompts)} prompts the {K} SFT samples scored the same "
+                     f"under the oracle; nothing to rank (train SFT longer, or raise comparisons.temperature)")
   if not records:
-    raise ValueError(f"comparisons ({split}): every prompt's {K} SFT samples scored the same; nothing to rank")
+    logging.warning("comparisons %s: no prompt had two differently scored samples; RM held-out eval skipped", split)
+    return ""
   tasks.write_comparisons(path, records)
   logging.info("comparisons %s: %d of %d prompts had >= 2 distinct scores", split, len(records), len(prompts))
   return path
@@ -107,7 +111,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
        "train": {**cfg.sft.train, "init_from": dirs["pretrain"]}})), dirs["sft"], "sft")
   # ---- comparisons of SFT samples -> reward model
   comp_train = _comparisons(cfg, workdir, task_cfg, paths, dirs["sft"], "train")
-  comp_eval = _comparisons(cfg, workdir, task_cfg, paths, dirs["sft"], "heldout")
+  comp_eval = _comparisons(cfg, workdir, task_cfg, paths, dirs["sft"], "heldout")  # "" = none to rank
   stages.run_reward(_stage_cfg(reward.get_config(), ml_collections.ConfigDict(
       {**common, **cfg.reward, "data": {**cfg.reward.data, "train": comp_train, "eval": comp_eval,
                                         "normalize_on": paths["demonstrations"]},
