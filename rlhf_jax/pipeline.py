@@ -63,6 +63,8 @@ def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str
   for i, prompt in enumerate(prompts):
     by_score = {}
     for r in texts[i * K:(i + 1) * K]:
+      if not r.strip():  # an empty answer is no comparison record (the data format rejects empty strings)
+        continue
       by_score.setdefault(round(tasks.ranking_score(prompt, r, task_cfg.fabrication_penalty), 6), r)
     candidates = list(by_score.values())
     if len(candidates) >= 2:
