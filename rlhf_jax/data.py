@@ -14,8 +14,10 @@ Batches (numpy, int32 tokens, float32 masks), B = batch_size / process_count row
   RL prompts        prompt_tokens, prompt_mask (B, P), left-padded [bos] + prompt; prompts: list of strings
 Training loaders iterate forever: each epoch shuffles the records with (seed, epoch), host h takes every
 process_count-th record from h, then documents are tokenized, framed as [bos] + ids + [eos], shifted into
-(inputs, targets), cut into chunks of at most L and packed next-fit into rows. `get_state()` ({epoch,
-position, chunk, records}) names the next chunk; `set_state` resumes the exact stream. Eval loaders
+(inputs, targets), cut into chunks of at most L and packed into rows: pretraining text fills every row (a
+chunk is cut at the row's end and continues in the next row as a new segment); SFT examples are never cut
+(next-fit). `get_state()` ({epoch, position, chunk, offset, records}) names the next token to place;
+`set_state` resumes the exact stream. Eval loaders
 (`train=False`) make one unshuffled pass; every host builds the same global batches and takes its slice,
 so all hosts yield the same number of batches; the last is padded with empty rows (all masks zero).
 """
@@ -346,10 +348,10 @@ class _Stream:
   """Rows from records in a per-epoch order; (epoch, position, chunk) names the next piece to place."""
 
   def __init__(self, records: Records, order_fn: Callable[[int], np.ndarray], pieces_fn: Callable,
-               pack_fn: Callable | None, seq_len: int, finite: bool):
+               pack_fn: Callable | None, seq_len: int, finite: bool, split: bool = False):
     self.records, self.order_fn, self.pieces_fn, self.pack_fn = records, order_fn, pieces_fn, pack_fn
-    self.seq_len, self.finite = seq_len, finite
-    self.epoch = self.position = self.chunk = 0
+    self.seq_len, self.finite, self.split = seq_len, finite, split
+    self.epoch = self.position = self.chunk = self.offset = 0
     self._order_epoch, self._cache_key = None, None
 
   def _pieces(self) -> list:
@@ -371,7 +373,8 @@ class _Stream:
     return self.finite and self.epoch > 0
 
   def next_row(self) -> dict:
-    """The next row: one record's row, or (packing) as many whole pieces as fit next-fit into seq_len."""
+    """The next row: one record's row, or (packing) the next pieces in order; a piece that does not fit the rest
+    of the row is cut to fill it when `split` (pretraining text), else it opens the next row (next-fit)."""
     if self.pack_fn is None:
       pieces = self._pieces()
       self._advance(len(pieces))
@@ -379,10 +382,16 @@ class _Stream:
     taken, used = [], 0
     while not self.done():
       pieces = self._pieces()
-      if used + len(pieces[self.chunk][0]) > self.seq_len:
+      piece = tuple(x[self.offset:] for x in pieces[self.chunk])
+      room = self.seq_len - used
+      if len(piece[0]) > room:
+        if self.split:  # fill the row; the rest of the piece opens the next row (as a new segment)
+          taken.append(tuple(x[:room] for x in piece))
+          self.offset += room
         break
-      taken.append(pieces[self.chunk])
-      used += len(taken[-1][0])
+      taken.append(piece)
+      used += len(piece[0])
+      self.offset = 0
       self._advance(len(pieces))
     return self.pack_fn(taken)
 
@@ -402,7 +411,8 @@ class Loader:
 
   def get_state(self) -> dict:
     s = self.stream
-    return {"epoch": s.epoch, "position": s.position, "chunk": s.chunk, "records": self.num_records}
+    return {"epoch": s.epoch, "position": s.position, "chunk": s.chunk, "offset": s.offset,
+            "records": self.num_records}
 
   def set_state(self, state: dict) -> None:
     """Resumes at `state` from `get_state`; ValueError if it was saved for a different shard of data."""
@@ -411,6 +421,7 @@ class Loader:
                        f"did the data files or process_count change?")
     s = self.stream
     s.epoch, s.position, s.chunk = int(state["epoch"]), int(state["position"]), int(state["chunk"])
+    s.offset = int(state.get("offset", 0))
 
 
 class EvalLoader:
@@ -453,7 +464,8 @@ LOADER_OPTIONS = {  # keyword options of every make_*_loader
 
 
 def _loader(kind: str, source, workdir: str, pieces_fn: Callable, pack_fn: Callable | None, seq_len: int,
-            batch_size: int, seed: int, process_index: int, process_count: int, options: dict):
+            batch_size: int, seed: int, process_index: int, process_count: int, options: dict,
+            split: bool = False):
   """A training Loader (shuffled per epoch, host shard) or, with train=False, an EvalLoader."""
   unknown = sorted(set(options) - set(LOADER_OPTIONS))
   if unknown:
@@ -472,7 +484,7 @@ def _loader(kind: str, source, workdir: str, pieces_fn: Callable, pack_fn: Calla
     for i in range(n):
       pieces_fn(records[i])
   if not opts["train"]:
-    return EvalLoader(lambda: _Stream(records, lambda e: np.arange(n), pieces_fn, pack_fn, seq_len, True),
+    return EvalLoader(lambda: _Stream(records, lambda e: np.arange(n), pieces_fn, pack_fn, seq_len, True, split),
                       rows, process_index, process_count)
   if n < process_count:
     raise ValueError(f"{records.name}: {n} records cannot be split over process_count={process_count} hosts")
@@ -480,15 +492,19 @@ def _loader(kind: str, source, workdir: str, pieces_fn: Callable, pack_fn: Calla
   def order(epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)[process_index::process_count]
 
-  return Loader(_Stream(records, order, pieces_fn, pack_fn, seq_len, False), rows)
+  return Loader(_Stream(records, order, pieces_fn, pack_fn, seq_len, False, split), rows)
 
 
 def make_lm_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, workdir: str,
                    process_index: int = 0, process_count: int = 1, **options):
-  """Packed LM batches from text files (a document per line), JSONL {text_key}, or "tfds:NAME" + text_key."""
+  """Packed LM batches from text files (a document per line), JSONL {text_key}, or "tfds:NAME" + text_key.
+
+  Rows are filled completely: a chunk that does not fit the rest of a row is cut, and its remainder opens
+  the next row as a new segment (positions restart), so no slot is padding except at the end of an eval pass.
+  """
   return _loader("text", source, workdir, lambda r: lm_pieces(r, tokenizer, seq_len),
                  lambda p: pack(p, seq_len, tokenizer.pad_id), seq_len, batch_size, seed, process_index,
-                 process_count, options)
+                 process_count, options, split=True)
 
 
 def make_sft_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, workdir: str,

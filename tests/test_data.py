@@ -62,35 +62,38 @@ def _lm_docs(tmp_path):
   return str(path), docs
 
 
-def test_lm_packing_each_chunk_once_per_epoch(tok, tmp_path):
+def _documents(segments, bos):
+  """Splits the concatenated (inputs, targets) of consecutive segments at every bos input into documents."""
+  inputs = [t for seg in segments for t in seg[0]]
+  targets = [t for seg in segments for t in seg[1]]
+  starts = [i for i, t in enumerate(inputs) if t == bos] + [len(inputs)]
+  return [(tuple(inputs[a:b]), tuple(targets[a:b])) for a, b in zip(starts, starts[1:])]
+
+
+def test_lm_packing_fills_rows_and_covers_each_document_once_per_epoch(tok, tmp_path):
   path, docs = _lm_docs(tmp_path)
   seq_len = 24
   expected = _lm_chunks(tok, docs, seq_len)
   assert max(len(c[0]) for c in expected) == seq_len and len(expected) > len(docs)  # some docs were split
+  whole = collections.Counter(_documents(expected, tok.bos_id))
+  assert sum(whole.values()) == len(docs)
+  n_tokens = sum(len(c[0]) for c in expected)
   loader = data.make_lm_loader(path, tok, seq_len, 4, 7, str(tmp_path), local_device_count=2)
-  rows, pieces = [], []
-  for _ in range(10 * len(expected)):  # bounded: a packer that stops making progress fails, not hangs
-    if len(pieces) >= 2 * len(expected) + 10:
-      break
+  segments = []
+  while sum(len(p[0]) for p in segments) < 2 * n_tokens:
     batch = next(loader)
     assert batch["inputs"].shape == (4, seq_len) and batch["inputs"].dtype == np.int32
     assert batch["loss_mask"].dtype == np.float32
     for row in _rows(batch):
-      rows.append(_segments(row))
-      pieces += rows[-1]
-  for r in rows:  # loss on every real target; rows pack whole chunks next-fit
-    assert all(all(m == 1.0 for m in p[2]) for p in r)
-  for a, b in zip(rows, rows[1:]):
-    assert sum(len(p[0]) for p in a) + len(b[0][0]) > seq_len
-  n = len(expected)
-  want = collections.Counter(c[:2] for c in expected)
-  epoch0, epoch1 = [p[:2] for p in pieces[:n]], [p[:2] for p in pieces[n:2 * n]]
-  assert collections.Counter(epoch0) == want and collections.Counter(epoch1) == want
-  assert epoch0 != epoch1 and epoch0 != [c[:2] for c in expected]  # reshuffled every epoch
-  for doc in docs:  # a document's chunks stay consecutive and in order
-    chunks = _lm_chunks(tok, [doc], seq_len)
-    at = epoch0.index(chunks[0])
-    assert epoch0[at:at + len(chunks)] == chunks
+      pieces = _segments(row)
+      assert sum(len(p[0]) for p in pieces) == seq_len  # every row is full: no padding while training
+      assert all(all(m == 1.0 for m in p[2]) for p in pieces)  # loss on every real target
+      assert all(len(p[0]) <= seq_len for p in pieces)
+      segments += pieces
+  epoch0 = _documents(segments, tok.bos_id)[:len(docs)]
+  epoch1 = _documents(segments, tok.bos_id)[len(docs):2 * len(docs)]
+  assert collections.Counter(epoch0) == whole and collections.Counter(epoch1) == whole
+  assert epoch0 != epoch1 and epoch0 != _documents(expected, tok.bos_id)  # reshuffled every epoch
 
 
 def test_lm_eval_pass_is_ordered_padded_and_counts_tokens(tok, tmp_path):
@@ -100,8 +103,13 @@ def test_lm_eval_pass_is_ordered_padded_and_counts_tokens(tok, tmp_path):
   loader = data.make_lm_loader(path, tok, seq_len, 8, 0, str(tmp_path), train=False, local_device_count=1)
   for _ in range(2):  # every iteration is the same finite pass
     batches = list(loader)
-    pieces = [p[:2] for b in batches for row in _rows(b) for p in _segments(row)]
-    assert pieces == expected
+    rows = [_segments(row) for b in batches for row in _rows(b)]
+    stream = [t for r in rows for p in r for t in p[0]]
+    assert stream == [t for c in expected for t in c[0]]  # the documents in order, cut only at row ends
+    assert [t for r in rows for p in r for t in p[1]] == [t for c in expected for t in c[1]]
+    used = [sum(len(p[0]) for p in r) for r in rows]
+    last = max(i for i, u in enumerate(used) if u)
+    assert all(u == seq_len for u in used[:last])  # full rows until the data runs out
   assert all(b["inputs"].shape == (8, seq_len) for b in batches)
   assert (batches[-1]["segment_ids"][-1] == 0).all()  # the last batch is padded with empty rows
   assert sum(data.num_tokens(b) for b in batches) == sum(len(c[0]) for c in expected)
