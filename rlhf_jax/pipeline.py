@@ -20,6 +20,39 @@ from rlhf_jax import evaluate, metrics, ppo, stages, tasks
 from rlhf_jax.tokenizer import train_tokenizer
 
 
+def _stage(steps: int, lr: float, batch_size: int, seq_len: int, warmup: int = 20) -> ml_collections.ConfigDict:
+  """A stage's data/opt/train overrides."""
+  return ml_collections.ConfigDict({
+      "data": {"batch_size": batch_size, "seq_len": seq_len},
+      "opt": {"lr": lr, "warmup_steps": warmup},
+      "train": {"num_steps": steps, "log_every": 25, "eval_every": 0, "checkpoint_every": steps}})
+
+
+def config() -> ml_collections.ConfigDict:
+  """The pipeline's config: task, model/tokenizer, each stage's data/opt/train, comparisons, ppo, eval."""
+  cfg = ml_collections.ConfigDict()
+  cfg.task = ml_collections.ConfigDict(dict(
+      seed=0, num_corpus_docs=4000, num_demonstrations=2000, num_rl_prompts=1000, num_heldout_prompts=200,
+      demo_error_rate=0.25, comparison_noise_rate=0.1, num_candidates=4))
+  cfg.model = stages.model_config()
+  cfg.model.d_model, cfg.model.num_heads, cfg.model.num_kv_heads = 128, 4, 4
+  cfg.model.d_ff, cfg.model.num_layers, cfg.model.max_len = 512, 3, 64
+  cfg.tokenizer = ml_collections.ConfigDict({"vocab_size": 512, "model_type": "bpe"})
+  cfg.pretrain = _stage(steps=600, lr=2e-3, batch_size=32, seq_len=64)
+  cfg.sft = _stage(steps=300, lr=5e-4, batch_size=32, seq_len=64)
+  cfg.comparisons = ml_collections.ConfigDict(dict(num_prompts=600, num_heldout=100, temperature=1.0))
+  cfg.reward = _stage(steps=300, lr=3e-4, batch_size=16, seq_len=48)
+  cfg.rl = _stage(steps=100, lr=2e-5, batch_size=16, seq_len=64, warmup=0)
+  cfg.rl.data = ml_collections.ConfigDict(dict(prompt_len=24, ptx_seq_len=64, ptx_batch_size=16))
+  cfg.rl.train.log_every = 10
+  cfg.ppo = ppo.ppo_config()
+  cfg.ppo.max_new_tokens = 16
+  cfg.ppo.rollout_batch = 32
+  cfg.ppo.sample_every = 20
+  cfg.eval = ml_collections.ConfigDict(dict(num_prompts=200, seed=0))
+  return cfg
+
+
 def _stage_cfg(base: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A stage's own config (its experiment's get_config()) with the pipeline's groups laid over it."""
   cfg = ml_collections.ConfigDict(base.to_dict())
@@ -96,7 +129,6 @@ def _last_eval(workdir: str, key: str) -> float | None:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) every stage, evaluates every policy on held-out prompts, writes table, plots, report."""
-  from experiments.configs import ppo as ppo_config, pretrain, reward, sft  # each stage's own config
   t0 = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   dirs = {s: os.path.join(workdir, s) for s in ("pretrain", "sft", "reward", "ppo")}
@@ -105,23 +137,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   tok_path = _tokenizer(cfg, workdir, paths)
   common = ml_collections.ConfigDict({"model": cfg.model, "tokenizer": {"path": tok_path}})
   # ---- pretrain -> SFT
-  stages.run_lm(_stage_cfg(pretrain.get_config(), ml_collections.ConfigDict(
+  stages.run_lm(_stage_cfg(stages.lm_config("pretrain"), ml_collections.ConfigDict(
       {**common, **cfg.pretrain, "data": {**cfg.pretrain.data, "train": paths["corpus"]}})), dirs["pretrain"],
       "pretrain")
-  stages.run_lm(_stage_cfg(sft.get_config(), ml_collections.ConfigDict(
+  stages.run_lm(_stage_cfg(stages.lm_config("sft"), ml_collections.ConfigDict(
       {**common, **cfg.sft, "data": {**cfg.sft.data, "train": paths["demonstrations"]},
        "train": {**cfg.sft.train, "init_from": dirs["pretrain"]}})), dirs["sft"], "sft")
   # ---- comparisons of SFT samples -> reward model
   comp_train = _comparisons(cfg, workdir, task_cfg, paths, dirs["sft"], "train")
   comp_eval = _comparisons(cfg, workdir, task_cfg, paths, dirs["sft"], "heldout")  # "" = none to rank
-  stages.run_reward(_stage_cfg(reward.get_config(), ml_collections.ConfigDict(
+  stages.run_reward(_stage_cfg(stages.reward_config(), ml_collections.ConfigDict(
       {**common, **cfg.reward, "data": {**cfg.reward.data, "train": comp_train, "eval": comp_eval,
                                         "normalize_on": paths["demonstrations"]},
        "train": {**cfg.reward.train, "init_from": dirs["sft"]}})), dirs["reward"])
   # ---- PPO-ptx, logging the oracle score of each iteration's rollouts
   oracle_fn = lambda prompts, responses: {"oracle": float(np.mean(
       [tasks.oracle_score(p, r) for p, r in zip(prompts, responses)]))}
-  ppo.run(_stage_cfg(ppo_config.get_config(), ml_collections.ConfigDict(
+  ppo.run(_stage_cfg(ppo.config(), ml_collections.ConfigDict(
       {**cfg.rl, "ppo": {**cfg.ppo, "reward_from": dirs["reward"]},
        "data": {**cfg.rl.data, "prompts": paths["rl_prompts"], "ptx": paths["corpus"]},
        "train": {**cfg.rl.train, "init_from": dirs["sft"]}})), dirs["ppo"], extra_metrics=oracle_fn)

@@ -243,6 +243,28 @@ def ppo_config() -> ml_collections.ConfigDict:
   return p
 
 
+def config() -> ml_collections.ConfigDict:
+  """The whole config of the PPO experiment: data (prompts, ptx), ppo knobs, optimizer, iterations."""
+  cfg = ml_collections.ConfigDict()
+  cfg.data = ml_collections.ConfigDict()
+  cfg.data.prompts = ""  # RL prompts JSONL {"prompt"} (or tfds:NAME)
+  cfg.data.ptx = ""  # pretraining text for the ptx term (required when ppo.ptx_coef > 0)
+  cfg.data.prompt_len = 32  # P: prompts are left-padded to this many tokens (incl. bos)
+  cfg.data.truncate = False  # cut prompts longer than prompt_len from the left instead of raising
+  cfg.data.ptx_seq_len = 64  # packed pretraining rows for the ptx term
+  cfg.data.ptx_batch_size = 16  # ptx rows per iteration (split over the minibatches)
+  cfg.data.seed = 0  # prompt order
+  cfg.ppo = ppo_config()
+  cfg.opt = optimizer.default_config(lr=2e-5)
+  cfg.opt.warmup_steps = 0
+  cfg.opt.schedule = "constant"
+  cfg.opt.weight_decay = 0.0
+  cfg.train = trainer.train_config(num_steps=100)  # num_steps = PPO iterations (rollout + update)
+  cfg.train.log_every = 1
+  cfg.train.checkpoint_every = 25
+  return cfg
+
+
 def _controller(ppo):
   if ppo.adaptive_kl:
     return rl.AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)

@@ -212,6 +212,31 @@ def reward_data_config(seq_len: int = 128, batch_size: int = 16) -> ml_collectio
 NORM_FILE = "reward_offset.json"
 
 
+def lm_config(stage: str) -> ml_collections.ConfigDict:
+  """The whole config of the pretraining (`stage="pretrain"`) or SFT (`stage="sft"`) experiment."""
+  cfg = ml_collections.ConfigDict()
+  cfg.model = model_config()
+  cfg.tokenizer = tokenizer_config()
+  cfg.data = lm_data_config(seq_len=128, batch_size=16)
+  cfg.opt = optimizer.default_config(lr=1e-3 if stage == "pretrain" else 5e-4)
+  if stage == "sft":
+    cfg.opt.warmup_steps = 10
+  cfg.train = trainer.train_config(num_steps=400 if stage == "pretrain" else 200)
+  return cfg
+
+
+def reward_config() -> ml_collections.ConfigDict:
+  """The whole config of the reward-model experiment."""
+  cfg = ml_collections.ConfigDict()
+  cfg.model = model_config()
+  cfg.tokenizer = tokenizer_config()
+  cfg.data = reward_data_config(seq_len=128, batch_size=8)
+  cfg.opt = optimizer.default_config(lr=3e-4)
+  cfg.opt.warmup_steps = 10
+  cfg.train = trainer.train_config(num_steps=200)
+  return cfg
+
+
 def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None) -> dict:
   """{"backbone", "head"}: the given (or random) Transformer params plus a new ScalarHead."""
   import jax.numpy as jnp

@@ -8,14 +8,8 @@ below 1.5 in a few hundred steps of the default 2-layer model on a laptop CPU.
 """
 import ml_collections
 
-from rlhf_jax import optimizer, stages, trainer
+from rlhf_jax import stages
 
 
 def get_config() -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict()
-  cfg.model = stages.model_config()
-  cfg.tokenizer = stages.tokenizer_config()
-  cfg.data = stages.lm_data_config(seq_len=128, batch_size=16)
-  cfg.opt = optimizer.default_config(lr=1e-3)
-  cfg.train = trainer.train_config(num_steps=400)
-  return cfg
+  return stages.lm_config("pretrain")

@@ -10,15 +10,8 @@ Expected: held-out pairwise accuracy (eval_accuracy in metrics.jsonl) well above
 """
 import ml_collections
 
-from rlhf_jax import optimizer, stages, trainer
+from rlhf_jax import stages
 
 
 def get_config() -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict()
-  cfg.model = stages.model_config()
-  cfg.tokenizer = stages.tokenizer_config()
-  cfg.data = stages.reward_data_config(seq_len=128, batch_size=8)
-  cfg.opt = optimizer.default_config(lr=3e-4)
-  cfg.opt.warmup_steps = 10
-  cfg.train = trainer.train_config(num_steps=200)
-  return cfg
+  return stages.reward_config()
