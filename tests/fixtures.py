@@ -10,11 +10,7 @@ import os
 
 import numpy as np
 
-from experiments.configs import ppo as ppo_config
-from experiments.configs import pretrain as pretrain_config
-from experiments.configs import reward as reward_config
-from experiments.configs import sft as sft_config
-from rlhf_jax import tasks
+from rlhf_jax import ppo, stages, tasks
 
 VOCAB = 320
 TINY_MODEL = dict(d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=1, max_len=64)
@@ -70,14 +66,14 @@ def tiny(cfg, steps: int = 3, **model):
 
 
 def pretrain_cfg(files, steps: int = 3):
-  cfg = tiny(pretrain_config.get_config(), steps)
+  cfg = tiny(stages.lm_config("pretrain"), steps)
   cfg.data.train = files["corpus"]
   return cfg
 
 
 def sft_cfg(files, init_from: str, steps: int = 3):
   """SFT with opt.lr = 0: the params stay the init_from ones, so test_stages can check init_from exactly."""
-  cfg = tiny(sft_config.get_config(), steps)
+  cfg = tiny(stages.lm_config("sft"), steps)
   cfg.data.train = files["demonstrations"]
   cfg.train.init_from = init_from
   cfg.opt.lr = 0.0
@@ -85,7 +81,7 @@ def sft_cfg(files, init_from: str, steps: int = 3):
 
 
 def reward_cfg(files, init_from: str, steps: int = RM_STEPS):
-  cfg = tiny(reward_config.get_config(), steps)
+  cfg = tiny(stages.reward_config(), steps)
   cfg.data.train, cfg.data.eval, cfg.data.normalize_on = (files["comparisons"], files["heldout_comparisons"],
                                                           files["demonstrations"])
   cfg.data.max_responses = 2
@@ -96,7 +92,7 @@ def reward_cfg(files, init_from: str, steps: int = RM_STEPS):
 
 def ppo_cfg(files, sft: str, rm: str, steps: int = 2):
   """Tiny PPO config: 8 prompts of <= 24 tokens, 8 new tokens, 8 ptx rows of 32 tokens."""
-  cfg = ppo_config.get_config()
+  cfg = ppo.config()
   cfg.train.init_from, cfg.ppo.reward_from = sft, rm
   cfg.data.prompts, cfg.data.ptx = files["rl_prompts"], files["corpus"]
   cfg.data.prompt_len, cfg.data.ptx_seq_len, cfg.data.ptx_batch_size = 24, 32, 8
@@ -113,7 +109,6 @@ def pipeline(tmp_path_factory) -> dict[str, str]:
   """
   if "pipeline" in _CACHE:
     return _CACHE["pipeline"]
-  from rlhf_jax import stages
   root = str(tmp_path_factory.mktemp("pipeline"))
   files = dict(task_files(root))
   files["pretrain"], files["sft"], files["rm"] = (os.path.join(root, d) for d in ("pretrain", "sft", "rm"))
