@@ -31,25 +31,45 @@ def _stage(steps: int, lr: float, batch_size: int, seq_len: int, warmup: int = 2
 def config() -> ml_collections.ConfigDict:
   """The pipeline's config: task, model/tokenizer, each stage's data/opt/train, comparisons, ppo, eval."""
   cfg = ml_collections.ConfigDict()
-  cfg.task = ml_collections.ConfigDict(dict(
-      seed=0, num_corpus_docs=4000, num_demonstrations=2000, num_rl_prompts=1000, num_heldout_prompts=200,
-      demo_error_rate=0.25, comparison_noise_rate=0.1, num_candidates=4))
-  cfg.model = stages.model_config()
+  cfg.task = ml_collections.ConfigDict(dict(  # rlhf_jax.tasks.TaskConfig fields
+      seed=0,  # every generated file is a function of this seed
+      num_corpus_docs=4000,  # pretraining documents
+      num_demonstrations=2000,  # labeler (prompt, response) pairs for SFT
+      num_rl_prompts=1000,  # PPO prompts (no other stage trains on them)
+      num_heldout_prompts=200,  # evaluation prompts (no stage trains on them)
+      demo_error_rate=0.25,  # share of wrong demonstrations (writing is hard)
+      comparison_noise_rate=0.1,  # chance a ranking has one adjacent pair swapped (comparing is easier)
+      num_candidates=4))  # K SFT samples per comparison prompt
+  cfg.model = stages.model_config()  # the pretrained model (later stages inherit it)
   cfg.model.d_model, cfg.model.num_heads, cfg.model.num_kv_heads = 128, 4, 4
   cfg.model.d_ff, cfg.model.num_layers, cfg.model.max_len = 512, 3, 64
-  cfg.tokenizer = ml_collections.ConfigDict({"vocab_size": 512, "model_type": "bpe"})
-  cfg.pretrain = _stage(steps=600, lr=2e-3, batch_size=32, seq_len=64)
-  cfg.sft = _stage(steps=300, lr=5e-4, batch_size=32, seq_len=64)
-  cfg.comparisons = ml_collections.ConfigDict(dict(num_prompts=600, num_heldout=100, temperature=1.0))
-  cfg.reward = _stage(steps=300, lr=3e-4, batch_size=16, seq_len=48)
-  cfg.rl = _stage(steps=100, lr=2e-5, batch_size=16, seq_len=64, warmup=0)
-  cfg.rl.data = ml_collections.ConfigDict(dict(prompt_len=24, ptx_seq_len=64, ptx_batch_size=16))
+  cfg.tokenizer = ml_collections.ConfigDict(dict(
+      vocab_size=512,  # upper bound for char models (they take what the corpus has)
+      model_type="bpe"))  # sentencepiece model type: bpe | unigram | char | word
+  cfg.pretrain = _stage(steps=600, lr=2e-3, batch_size=32, seq_len=64)  # next-token on the corpus
+  cfg.sft = _stage(steps=300, lr=5e-4, batch_size=32, seq_len=64)  # demonstrations, loss on responses
+  cfg.comparisons = ml_collections.ConfigDict(dict(
+      num_prompts=1500,  # demonstration prompts whose K SFT samples are ranked for RM training
+      num_heldout=100,  # held-out prompts ranked the same way for the RM's held-out accuracy
+      temperature=1.0))  # sampling temperature of the candidates
+  cfg.reward = _stage(steps=300, lr=3e-4, batch_size=16, seq_len=48)  # Bradley–Terry on the comparisons
+  cfg.rl = _stage(steps=100, lr=2e-5, batch_size=16, seq_len=64, warmup=0)  # PPO: train.num_steps = iterations
+  cfg.rl.data = ml_collections.ConfigDict(dict(
+      prompt_len=24,  # P, prompts left-padded to this many tokens
+      ptx_seq_len=64,  # packed pretraining rows for the ptx term
+      ptx_batch_size=16))  # ptx rows per PPO iteration
   cfg.rl.train.log_every = 10
-  cfg.ppo = ppo.ppo_config()
+  cfg.ppo = ppo.ppo_config()  # the PPO knobs: --config.ppo.kl_coef=0, --config.ppo.ptx_coef=0, ...
+  cfg.ppo.adaptive_kl = True  # β adapts towards kl_target (a weak RM is otherwise over-optimised)
+  cfg.ppo.kl_coef = 0.1  # initial β
+  cfg.ppo.kl_target = 4.0  # nats per response
+  cfg.ppo.kl_horizon = 1000  # samples; short, so β can move within 100 iterations
   cfg.ppo.max_new_tokens = 16
   cfg.ppo.rollout_batch = 32
   cfg.ppo.sample_every = 20
-  cfg.eval = ml_collections.ConfigDict(dict(num_prompts=200, seed=0))
+  cfg.eval = ml_collections.ConfigDict(dict(
+      num_prompts=200,  # held-out prompts per policy
+      seed=0))  # sampling seed of the evaluation
   return cfg
 
 
