@@ -18,7 +18,7 @@ demo: venv
 	$(PY) -m experiments.pipeline --config=experiments/configs/pipeline.py --workdir=$(WORKDIR)
 
 test: venv
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 clean:
 	rm -rf $(VENV) workdir

@@ -26,6 +26,17 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or not noisy
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown --config field (locked ConfigDict) reported as one error line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    name = str(e).strip("\"'")
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0]]
+    sys.exit(f"error: unknown config field {bad[0] if bad else name!r} ({name!r} is not in the config; see the "
+             f"config file's get_config())")
+
+
 def run(stage_fn: Callable[..., dict]) -> None:
   """Parses flags, starts the multi-controller runtime if asked, logs devices and runs `stage_fn(cfg, workdir)`."""
   flags.mark_flags_as_required(["config", "workdir"])
@@ -42,4 +53,4 @@ def run(stage_fn: Callable[..., dict]) -> None:
       sys.exit(f"error: {e}")
     logging.info("result: %s", result)
 
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

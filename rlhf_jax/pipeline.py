@@ -47,7 +47,7 @@ def config() -> ml_collections.ConfigDict:
       vocab_size=512,  # upper bound for char models (they take what the corpus has)
       model_type="bpe"))  # sentencepiece model type: bpe | unigram | char | word
   cfg.pretrain = _stage(steps=600, lr=2e-3, batch_size=32, seq_len=64)  # next-token on the corpus
-  cfg.sft = _stage(steps=300, lr=5e-4, batch_size=32, seq_len=64)  # demonstrations, loss on responses
+  cfg.sft = _stage(steps=800, lr=1e-3, batch_size=32, seq_len=64)  # demonstrations, loss on responses
   cfg.comparisons = ml_collections.ConfigDict(dict(
       num_prompts=1500,  # demonstration prompts whose K SFT samples are ranked for RM training
       num_heldout=100,  # held-out prompts ranked the same way for the RM's held-out accuracy

@@ -106,6 +106,9 @@ def resolve_init(cfg: ml_collections.ConfigDict, workdir: str, train_files) -> I
   if source.startswith("hf:"):
     from rlhf_jax import hf_import
     model, params = hf_import.load_hf_checkpoint(source[3:])
+    if not cfg.tokenizer.path and not os.path.exists(os.path.join(source[3:], TOKENIZER_FILE)):
+      raise ValueError(f"config train.init_from={source!r} has no {TOKENIZER_FILE}: pass --config.tokenizer.path "
+                       f"(a sentencepiece model with the checkpoint's {model.vocab_size} pieces)")
     tok = load_tokenizer(cfg.tokenizer.path or source[3:])
     check_vocab(tok, model.vocab_size, f"{source} vocab_size")
     return Init(model, tok, lambda: params)
@@ -311,7 +314,8 @@ def load_reward_model(workdir: str) -> tuple[TransformerConfig, Any, float]:
   """(model config, {"backbone", "head"} params, score offset (0 when not normalised)) of an RM workdir."""
   meta = _source_meta(workdir)
   if meta.get("stage") != "reward":
-    raise ValueError(f"{workdir!r} is not a reward-model workdir (its checkpoint says stage={meta.get('stage')!r})")
+    raise ValueError(f"config ppo.reward_from={workdir!r} is not a reward-model workdir (its checkpoint says "
+                     f"stage={meta.get('stage')!r})")
   params, _ = checkpoint.load_params(workdir)
   offset = 0.0
   norm = os.path.join(workdir, NORM_FILE)
@@ -321,13 +325,16 @@ def load_reward_model(workdir: str) -> tuple[TransformerConfig, Any, float]:
   return TransformerConfig.from_dict(meta["model"]), params, offset
 
 
-def load_policy(workdir: str) -> tuple[TransformerConfig, Any, Tokenizer]:
-  """(model config, Transformer params, tokenizer) of a pretraining/SFT workdir (or hf:DIR)."""
+def load_policy(workdir: str, field: str = "train.init_from") -> tuple[TransformerConfig, Any, Tokenizer]:
+  """(model config, Transformer params, tokenizer) of a pretraining/SFT/PPO workdir (or hf:DIR with its tokenizer)."""
   if workdir.startswith("hf:"):
     from rlhf_jax import hf_import
     model, params = hf_import.load_hf_checkpoint(workdir[3:])
     return model, params, load_tokenizer(workdir[3:])
   meta = _source_meta(workdir)
+  if meta.get("stage") not in ("pretrain", "sft", "ppo"):
+    raise ValueError(f"config {field}={workdir!r} is a {meta.get('stage')!r} workdir, not a policy; give a "
+                     f"pretraining or SFT workdir")
   params, _ = checkpoint.load_params(workdir)
   if meta.get("stage") == "ppo":
     params = params["policy"]
