@@ -1,14 +1,18 @@
 """Fault injection: every stage in a subprocess, SIGKILLed at random points (or mid-checkpoint-write), resumed.
 
-  python -m tests.faults_driver --kills=3 [--stages=pretrain,sft,reward,ppo] [--seed=0] [--root=/tmp/faults]
+  python -m tests.faults_driver --kills=3 [--write_kills=1 --nans=1 --controls=1] [--multihost]
+      [--stages=pretrain,sft,reward,ppo] [--seed=0] [--root=/tmp/faults]
 
 For each stage: one uninterrupted reference run; then, per kill point, the same command is started in a fresh
-workdir, SIGKILLed (whole process group) at a random moment after its first finished checkpoint, and started
-again until it finishes. The resumed run must say it resumed from the last finished checkpoint, and its final
-checkpoint must equal the reference's bit for bit: every leaf of the state (params, optimizer state, step, RNG)
-and the JSON extra (data position, PPO KL controller), plus every metrics.jsonl row (timing fields aside).
-Each reference run is the next stage's `init_from` (pretrain -> SFT -> RM; PPO from SFT + RM). PPO runs with the
-adaptive KL controller, so its restore is exercised. tests/test_faults.py runs a few of these points quickly.
+workdir, SIGKILLed (whole process group) at a random moment after its first finished checkpoint (or as soon as
+a later checkpoint is being written), and started again until it finishes. The resumed run must say it resumed
+from the last finished checkpoint, and its final checkpoint must equal the reference's bit for bit: every leaf
+of the state (params, optimizer state, step, RNG) and the JSON extra (data position, PPO KL controller), plus
+every metrics.jsonl row (timing fields aside). NaN cases run with --config.train.nan_at_step: the run must stop
+naming the step, before saving a poisoned checkpoint, and the same command without the flag must resume exactly.
+Negative controls corrupt the saved data position (PPO: KL coefficient) before resuming: the comparison must fail.
+Each reference run is the next stage's `init_from` (pretrain -> SFT -> RM; PPO from SFT + RM); PPO runs with the
+adaptive KL controller. --multihost adds 2-process diagnostics. tests/test_faults.py runs a few cases quickly.
 """
 from __future__ import annotations
 
@@ -244,7 +248,8 @@ def run_and_kill(cmd: Sequence[str], env: dict, workdir: str, log_path: str, rng
   """Starts `cmd` and SIGKILLs its process group after its first finished checkpoint.
 
   mode "random": once the metrics reach a step drawn uniformly from (first checkpoint, num_steps - 2], plus a
-  random 0-20 ms; mode "write": as soon as a later checkpoint is being written (an orbax tmp dir appears).
+  random 0-20 ms; mode "write": while a later checkpoint is being written (the group is SIGSTOPped as soon as an
+  orbax tmp dir appears and SIGKILLed if it is still there, else resumed until the next one).
   The outcome says where the kill landed; `killed` is False when the run ended first.
   """
   if mode not in ("random", "write"):
@@ -258,8 +263,14 @@ def run_and_kill(cmd: Sequence[str], env: dict, workdir: str, log_path: str, rng
     done = finished_steps(workdir)
     if done and target is None:
       target = int(rng.integers(done[0] + 1, max(done[0] + 2, num_steps - 1)))
-    fire = (mode == "write" and done and tmp_checkpoints(workdir)) or (
-        mode == "random" and target is not None and last_metrics_step(workdir) >= target)
+    if mode == "write" and done and tmp_checkpoints(workdir):
+      os.killpg(job.proc.pid, signal.SIGSTOP)  # frozen first, so the write cannot finish between check and kill
+      if not tmp_checkpoints(workdir):  # the rename won the race: let it go on to the next checkpoint
+        os.killpg(job.proc.pid, signal.SIGCONT)
+        continue
+      fire = True
+    else:
+      fire = mode == "random" and target is not None and last_metrics_step(workdir) >= target
     if fire:
       if mode == "random":
         time.sleep(jitter)
@@ -351,7 +362,7 @@ def _resume_and_compare(point: Point, ref: str, workdir: str, cmd: Sequence[str]
     try:
       point.status, point.detail = "pass", f"{assert_same_run(ref, workdir)} state leaves bit-identical"
     except AssertionError as e:
-      point.status, point.detail = "FAIL", str(e)[:1500]
+      point.status, point.detail = "FAIL", " ".join(str(e).split())[:1500]
   return point
 
 
@@ -368,8 +379,6 @@ def kill_point(stage: str, ref: str, workdir: str, cmd: Sequence[str], env: dict
     point.status, point.detail = "missed", f"killed with checkpoints {out.finished_at_kill}"
   else:
     _resume_and_compare(point, ref, workdir, cmd, env, out.finished_at_kill[-1], timeout)
-    if mode == "write" and not out.tmp_at_kill:
-      point.detail += " (the rename won the race: not a mid-write kill)"
   return point
 
 
@@ -477,6 +486,65 @@ def sweep(root: str, stages: Sequence[str], kills: int, seed: int, write_kills: 
   return points
 
 
+def multihost(root: str) -> list[str]:
+  """Real corpus, 2 processes x 2 devices: trajectory vs 1 x 4, whose loader state is saved, kill + resume.
+
+  Returns report lines. Process 1 of a killed job is killed with process 0 (a lost host ends the job).
+  """
+  from rlhf_jax import data, tokenizer
+  files = task_files(root)
+  spm = os.path.join(REPO, "tests", "testdata", "spm", "spm.model")
+  steps = 12
+  o = {"data.train": files["corpus"], "data.seq_len": 32, "data.batch_size": 8, "tokenizer.path": spm,
+       "train.num_steps": steps, "train.checkpoint_every": 4, "train.log_every": 1, **TINY_MODEL}
+  w1, w2, wk = (os.path.join(root, f"mh-{n}") for n in ("1x4", "2x2", "2x2-killed"))
+  for w in (w2, wk):
+    os.makedirs(os.path.join(w, "checkpoints"), exist_ok=True)  # see test_a_late_host_on_a_fresh_workdir...
+  lines = []
+  one = Background(command("pretrain", w1, o), stage_env(4), w1 + ".log")
+  outs = run_processes(multihost_commands("pretrain", w2, o, 2, free_port()), stage_env(2), w2)
+  if one.wait().returncode or any(x.returncode for x in outs):
+    return [f"multihost runs failed: see {w1}.log, {w2}.p*.log"]
+  l1 = np.array([r["train_loss"] for r in metric_rows(w1)])
+  l2 = np.array([r["train_loss"] for r in metric_rows(w2)])
+  lines.append(f"real corpus, train_loss per step, 1x4: {np.round(l1, 4).tolist()}")
+  lines.append(f"real corpus, train_loss per step, 2x2: {np.round(l2, 4).tolist()}")
+  lines.append(f"max relative train_loss difference 2x2 vs 1x4: {np.max(np.abs(l2 - l1) / np.abs(l1)):.3g}")
+  tok = tokenizer.load_tokenizer(spm)
+  hosts = [data.make_lm_loader(files["corpus"], tok, 32, 8, 0, os.path.join(root, "mh-data"), process_index=i,
+                               process_count=2, local_device_count=2) for i in range(2)]
+  for h in hosts:
+    for _ in range(steps):
+      next(h)
+  saved = final_checkpoint(w2)[2]["data"]
+  lines.append(f"loader state saved by the 2x2 run: {saved}; host 0 after {steps} batches: {hosts[0].get_state()}; "
+               f"host 1: {hosts[1].get_state()}")
+  # SIGKILL both processes after a finished checkpoint, restart both, compare with the uninterrupted 2x2 run
+  jobs = [Background(c, stage_env(2), f"{wk}.p{i}.killed.log")
+          for i, c in enumerate(multihost_commands("pretrain", wk, o, 2, free_port()))]
+  deadline = time.monotonic() + 300
+  while jobs[0].proc.poll() is None and time.monotonic() < deadline and last_metrics_step(wk) < 6:
+    time.sleep(0.003)
+  for j in jobs:
+    j.kill()
+    j.outcome()
+  killed_at, done = last_metrics_step(wk), finished_steps(wk)
+  outs = run_processes(multihost_commands("pretrain", wk, o, 2, free_port()), stage_env(2), wk + ".resumed")
+  if any(x.returncode for x in outs):
+    errors = [(i, [l for l in x.log.splitlines() if "Error" in l][-1:]) for i, x in enumerate(outs) if x.returncode]
+    lines.append(f"2x2 SIGKILL after step {killed_at} (checkpoints {done}); the restart FAILED, resuming from "
+                 f"{resumed_step(outs[0].log)}: " + "; ".join(f"process {i}: {e}" for i, e in errors))
+    return lines
+  try:
+    assert_same_run(w2, wk)
+    verdict = "bit-identical to the uninterrupted 2x2 run"
+  except AssertionError as e:
+    verdict = "DIFFERS from the uninterrupted 2x2 run: " + str(e).splitlines()[0][:200]
+  lines.append(f"2x2 SIGKILL after step {killed_at} (checkpoints {done}), resumed from "
+               f"{resumed_step(outs[0].log)}: {verdict}")
+  return lines
+
+
 def main(argv: Sequence[str]) -> int:
   import argparse
   import tempfile
@@ -487,6 +555,7 @@ def main(argv: Sequence[str]) -> int:
   parser.add_argument("--controls", type=int, default=1, help="negative controls (tampered restore) per stage")
   parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
   parser.add_argument("--seed", type=int, default=0, help="base seed of the kill points (printed per point)")
+  parser.add_argument("--multihost", action="store_true", help="also the 2-process diagnostics (real corpus)")
   parser.add_argument("--root", default="", help="work directory (default: a new temporary directory)")
   args = parser.parse_args(argv)
   stages = [s for s in args.stages.split(",") if s]
@@ -506,11 +575,15 @@ def main(argv: Sequence[str]) -> int:
   count = lambda *modes: sum(p.mode in modes for p in points)
   passed = lambda *modes: sum(p.mode in modes and p.status == "pass" for p in points)
   print(f"\nSIGKILL points: {count('random', 'write')} tried, {passed('random', 'write')} passed, "
-        f"{sum(p.status == 'missed' for p in points)} missed (run ended first), of which "
-        f"{sum(p.mode == 'write' and bool(p.tmp_at_kill) for p in points)} landed mid-checkpoint-write; "
+        f"{sum(p.status == 'missed' for p in points)} missed (run ended first); "
+        f"{sum(bool(p.tmp_at_kill) for p in points)} of them landed while a checkpoint was being written; "
         f"NaN stops: {count('nan')} tried, {passed('nan')} passed; negative controls: "
         f"{sum(p.status == 'detected' for p in points)}/{count('control')} detected "
         f"({time.perf_counter() - t0:.0f}s)")
+  if args.multihost:
+    print("\nmulti-host (2 processes x 2 CPU devices, gloo on 127.0.0.1):")
+    for line in multihost(os.path.join(root, "multihost")):
+      print("  " + line, flush=True)
   bad_points = [p for p in points if p.status in ("FAIL", "UNDETECTED")]
   return 1 if bad_points else 0
 

@@ -47,7 +47,8 @@ def _fake_reward_model(pretrain: str, workdir: str) -> None:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
   """Task files, an uninterrupted pretraining run (the reference; PPO's policy) and an RM workdir, built once."""
-  root = str(tmp_path_factory.getbasetemp().parent / "faults-chain")  # shared by xdist workers
+  base = tmp_path_factory.getbasetemp()
+  root = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "faults-chain")  # one per session
   os.makedirs(root, exist_ok=True)
   ref, rm = os.path.join(root, "ref-pretrain"), os.path.join(root, "rm")
   env = fd.stage_env()

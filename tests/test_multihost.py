@@ -174,9 +174,10 @@ def test_two_hosts_global_batch_has_the_rows_of_one_host(task, kind):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "trainer.train_loop saves one `train_loader.get_state()` in the checkpoint's JSON extra (written by process "
-    "0), but packed hosts stand at different positions; on resume host 1 gets host 0's position (or, with an "
-    "odd record count, a 'records' mismatch ValueError). Save a state per host, or make the stream global"))
+    "trainer.train_loop saves one `train_loader.get_state()` in the checkpoint's JSON extra (process 0's), but "
+    "packed hosts stand at different (position, chunk, offset); on resume every host gets host 0's: a real 2x2 "
+    "SIGKILL + restart crashed in data._Stream.next_row (IndexError) on host 1; with an odd record count "
+    "set_state raises a 'records' ValueError. Save one state per host, or make the row stream global"))
 def test_every_host_resumes_its_own_stream_from_the_saved_loader_state(task):
   root, files = task
   hosts = _loaders("text", files, os.path.join(root, "data"), 2)
