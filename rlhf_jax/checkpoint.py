@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rlhf_jax import parallel
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -47,9 +49,14 @@ class Checkpointer:
 
 
 def has_checkpoint(workdir: str) -> bool:
-  """Whether `workdir` holds at least one finished checkpoint."""
+  """Whether `workdir` holds at least one finished checkpoint (orbax step folders are plain integers).
+
+  Reads the folder without orbax (whose manager runs cross-process barriers) and takes process 0's answer,
+  so hosts that look at different moments of a fresh shared workdir still agree.
+  """
   directory = os.path.join(workdir, CHECKPOINT_DIR)
-  return os.path.isdir(directory) and Checkpointer(workdir, create=False).latest_step() is not None
+  found = os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return parallel.agree_with_process_0(found)
 
 
 def load_params(workdir: str, key: str = "params") -> tuple[Any, dict]:

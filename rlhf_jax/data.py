@@ -12,8 +12,9 @@ Batches (numpy, int32 tokens, float32 masks), B = batch_size / process_count row
   comparisons       tokens, segment_ids, positions (B, Kmax, L); last_idx, rank (0 best, -1 pad) (B, Kmax);
                     valid (B, Kmax)
   RL prompts        prompt_tokens, prompt_mask (B, P), left-padded [bos] + prompt; prompts: list of strings
-Training loaders iterate forever: each epoch shuffles the records with (seed, epoch), host h takes every
-process_count-th record from h, then documents are tokenized, framed as [bos] + ids + [eos], shifted into
+Training loaders iterate forever: each epoch shuffles the records with (seed, epoch); every host builds the
+same global rows and keeps its slice of each global batch (the global batch does not depend on the number of
+hosts; each host tokenizes all records). Documents are tokenized, framed as [bos] + ids + [eos], shifted into
 (inputs, targets), cut into chunks of at most L and packed into rows: pretraining text fills every row (a
 chunk is cut at the row's end and continues in the next row as a new segment); SFT examples are never cut
 (next-fit). `get_state()` ({epoch, position, chunk, offset, records}) names the next token to place;
@@ -397,17 +398,24 @@ class _Stream:
 
 
 class Loader:
-  """Infinite iterator of host-local training batches; `get_state`/`set_state` resume the exact stream."""
+  """Infinite iterator of host-local training batches; `get_state`/`set_state` resume the exact stream.
 
-  def __init__(self, stream: _Stream, host_batch: int):
+  Every host builds the same global rows from the global record order and keeps its slice, so the global
+  batch is the same whatever the number of hosts, and the (identical) state of any host resumes all of them.
+  """
+
+  def __init__(self, stream: _Stream, host_batch: int, process_index: int = 0, process_count: int = 1):
     self.stream, self.host_batch = stream, host_batch
+    self.process_index, self.process_count = process_index, process_count
     self.num_records = len(stream.order_fn(0))
 
   def __iter__(self) -> "Loader":
     return self
 
   def __next__(self) -> dict:
-    return _collate([self.stream.next_row() for _ in range(self.host_batch)])
+    rows = [self.stream.next_row() for _ in range(self.host_batch * self.process_count)]
+    lo = self.process_index * self.host_batch
+    return _collate(rows[lo:lo + self.host_batch])
 
   def get_state(self) -> dict:
     s = self.stream
@@ -486,13 +494,12 @@ def _loader(kind: str, source, workdir: str, pieces_fn: Callable, pack_fn: Calla
   if not opts["train"]:
     return EvalLoader(lambda: _Stream(records, lambda e: np.arange(n), pieces_fn, pack_fn, seq_len, True, split),
                       rows, process_index, process_count)
-  if n < process_count:
-    raise ValueError(f"{records.name}: {n} records cannot be split over process_count={process_count} hosts")
 
   def order(epoch):
-    return np.random.default_rng([seed, epoch]).permutation(n)[process_index::process_count]
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
-  return Loader(_Stream(records, order, pieces_fn, pack_fn, seq_len, False, split), rows)
+  return Loader(_Stream(records, order, pieces_fn, pack_fn, seq_len, False, split), rows, process_index,
+                process_count)
 
 
 def make_lm_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int, workdir: str,

@@ -55,10 +55,17 @@ class MetricWriter:
     """Forgets rows past the resumed step, so a resumed run's curves have no duplicate steps."""
     if not os.path.exists(self.path):
       return
+    rows = []
     with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(self.path, "w") as f:
+      for line in f:
+        try:
+          if json.loads(line).get("step", 0) <= step:
+            rows.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+          continue
+    with open(self.path + ".tmp", "w") as f:
       f.writelines(rows)
+    os.replace(self.path + ".tmp", self.path)
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
     """Appends one row {"step": step, prefix+name: value} and the same scalars to TensorBoard."""

@@ -90,6 +90,14 @@ def unshard(tree):
   return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), tree)
 
 
+def agree_with_process_0(flag: bool) -> bool:
+  """Process 0's value of a host-side boolean on every process (no-op with one process)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
   """Starts JAX's multi-controller runtime when a coordinator is given (flags or JAX_COORDINATOR_ADDRESS/...).
 

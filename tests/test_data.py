@@ -209,15 +209,22 @@ def test_prompts_left_padded_and_eval_slices_per_host(tok, tmp_path):
   np.testing.assert_array_equal(next(iter(short))["prompt_tokens"][0], [tok.bos_id] + tok.encode(prompts[0])[-4:])
 
 
-def test_training_shards_are_disjoint_per_host(tok, tmp_path):
+def test_training_hosts_take_disjoint_slices_of_the_same_global_batch(tok, tmp_path):
   prompts = [f"p{i}: {line}\n" for i, line in enumerate(LINES[:10])]
   path = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
-  seen = []
-  for host in range(2):
-    loader = data.make_prompt_loader(path, tok, 64, 2, 3, str(tmp_path), host, 2, local_device_count=1)
-    seen.append([p for _ in range(5) for p in next(loader)["prompts"]])  # 5 rows = one epoch of this shard
-    assert loader.get_state()["epoch"] == 1 and loader.get_state()["records"] == 5
-  assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == sorted(prompts)
+  one = data.make_prompt_loader(path, tok, 64, 4, 3, str(tmp_path), 0, 1, local_device_count=1)
+  hosts = [data.make_prompt_loader(path, tok, 64, 4, 3, str(tmp_path), h, 2, local_device_count=1)
+           for h in range(2)]
+  seen = [[], []]
+  for _ in range(5):  # 5 global batches of 4 = two epochs of 10 prompts
+    want = next(one)["prompts"]
+    got = [next(h)["prompts"] for h in hosts]
+    assert got[0] + got[1] == want  # host h holds rows [2h, 2h + 2) of the global batch
+    for h in range(2):
+      seen[h] += got[h]
+  assert set(seen[0]) | set(seen[1]) == set(prompts)  # every record reaches some host
+  assert hosts[0].get_state() == hosts[1].get_state() == one.get_state()  # one state resumes every host
+  assert one.get_state()["epoch"] == 2 and one.get_state()["records"] == 10
 
 
 def test_resume_from_state_equals_uninterrupted_stream(tok, tmp_path):

@@ -53,8 +53,6 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(task):
   with open(corpus, "w") as f:
     f.write("\n".join(docs) + "\n")
   single, multi = os.path.join(root, "single"), os.path.join(root, "multi")
-  # every process must see checkpoints/ alike at its resume check (test_a_late_host_on_a_fresh_workdir...)
-  os.makedirs(os.path.join(multi, "checkpoints"))
   job = fd.Background(fd.command("pretrain", single, _overrides(corpus)), fd.stage_env(4), single + ".log")
   try:
     outs = fd.run_processes(fd.multihost_commands("pretrain", multi, _overrides(corpus), 2, fd.free_port()),
@@ -76,7 +74,7 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(task):
   p2, extra = checkpoint.load_params(multi)
   for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert extra["data"]["records"] == DOCS // 2  # a host's shard of the records
+  assert extra["data"]["records"] == DOCS  # every host packs the global record order (one state resumes all)
 
 
 LATE_HOST = """import runpy, sys, time
@@ -91,10 +89,6 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint.has_checkpoint (checkpoint.py:52, called by stages.resolve_init) builds an orbax CheckpointManager "
-    "-- which runs cross-process barriers -- only when workdir/checkpoints exists; a host that checks after "
-    "process 0 created it (trainer.py:111) runs other barriers: 'sync_global_devices name mismatch' on both"))
 def test_a_late_host_on_a_fresh_workdir_still_trains(task):
   """Process 1 reaching the stage 4 s after process 0 (a slow host) on a fresh shared workdir must still train."""
   root, files = task
@@ -157,14 +151,7 @@ def _rows(batches: list[dict]) -> list[bytes]:
   return sorted(out)
 
 
-PACKED = pytest.mark.xfail(strict=True, reason=(
-    "data._loader shards records (host h takes every process_count-th record, data.py `order`) and each host "
-    "packs its own records into rows, so 2 hosts' rows hold other document pieces than 1 host's; equality "
-    "needs every host to pack the global record order and keep its slice of rows (as EvalLoader does)"))
-
-
-@pytest.mark.parametrize("kind", [pytest.param("text", marks=PACKED), pytest.param("sft", marks=PACKED),
-                                  "comparison", "prompt"])
+@pytest.mark.parametrize("kind", ["text", "sft", "comparison", "prompt"])
 def test_two_hosts_global_batch_has_the_rows_of_one_host(task, kind):
   root, files = task
   one, = _loaders(kind, files, os.path.join(root, "data"), 1)
@@ -173,11 +160,6 @@ def test_two_hosts_global_batch_has_the_rows_of_one_host(task, kind):
     assert _rows([next(h) for h in hosts]) == _rows([next(one)]), f"global batch {step} differs"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer.train_loop saves one `train_loader.get_state()` in the checkpoint's JSON extra (process 0's), but "
-    "packed hosts stand at different (position, chunk, offset); on resume every host gets host 0's: a real 2x2 "
-    "SIGKILL + restart crashed in data._Stream.next_row (IndexError) on host 1; with an odd record count "
-    "set_state raises a 'records' ValueError. Save one state per host, or make the row stream global"))
 def test_every_host_resumes_its_own_stream_from_the_saved_loader_state(task):
   root, files = task
   hosts = _loaders("text", files, os.path.join(root, "data"), 2)
