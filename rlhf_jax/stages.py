@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import checkpoint, data, losses, optimizer, trainer
-from rlhf_jax.model import Transformer, TransformerConfig, init_params
+from rlhf_jax.model import TransformerConfig, init_params
 from rlhf_jax.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
