@@ -1,16 +1,12 @@
 """Shared trainer: device equivalence, gradient accumulation, resume, NaN guard, masked LM loss."""
 import functools
-import json
-import os
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from rlhf_jax import losses, metrics, optimizer, parallel, trainer
-from rlhf_jax.model import TransformerConfig, init_params
+from rlhf_jax.model import Transformer, TransformerConfig, init_params
 
 CFG = TransformerConfig(vocab_size=32, d_model=16, num_heads=2, num_kv_heads=2, d_ff=32, num_layers=1, max_len=16)
 
@@ -65,8 +61,8 @@ def test_four_devices_equal_one_device_on_the_full_batch():
     np.testing.assert_allclose(a, b, atol=1e-5)
   assert abs(m4["loss"] - m1["loss"]) < 1e-5
   # the loss is the mean over real tokens, not a mean of per-device means
-  logits, _ = jax.jit(lambda p: __import__("rlhf_jax.model").model.Transformer(CFG).apply(
-      {"params": p}, batch["inputs"], batch["positions"], batch["segment_ids"]))(state.params)
+  logits, _ = Transformer(CFG).apply({"params": state.params}, batch["inputs"], batch["positions"],
+                                     batch["segment_ids"])
   logp = jax.nn.log_softmax(np.asarray(logits))
   nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], -1)[..., 0]
   expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
