@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/demo
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench faults clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
+
+# SIGKILL / mid-checkpoint-write / NaN / negative-control sweep over all four stages + 2-process runs (~15 min)
+faults: venv
+	$(PY) -m tests.faults_driver --kills=3 --multihost
 
 clean:
 	rm -rf $(VENV) workdir
