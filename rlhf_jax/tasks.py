@@ -17,6 +17,10 @@ Knowledge: made-up entities with attributes (capital, color, ruler) whose values
 An entity is "known" when another fixed hash of its name says so (half of all names), so the oracle needs no
 config; the corpus states facts for the known entities of the pool only. Known entity: correct 1.0, ABSTAIN
 ("unknown") ABSTAIN_CREDIT = 0.3, anything else 0. Unknown entity: ABSTAIN 1.0, any assertion 0.
+With TaskConfig.fabrication_penalty the comparisons (RM data) penalise fabrication explicitly: an assertion about an
+unknown entity ranks at FABRICATION_SCORE, below even an empty answer, and `comparison_candidates` adds the
+labeler-written ABSTAIN to every knowledge comparison (without it, a policy that never abstains yields no
+comparison that ranks abstaining above a fabrication, and the flag would change nothing).
 
 Data (deterministic in TaskConfig.seed; each product draws from its own rng stream): a pretraining corpus of
 informal, noisy statements among filler sentences; labeler demonstrations, a fraction plausibly wrong;
@@ -387,6 +391,22 @@ def rank_responses(prompt: str, responses: list[str], rng: np.random.Generator, 
     i = int(rng.integers(len(order) - 1))
     order[i], order[i + 1] = order[i + 1], order[i]
   return order
+
+
+def comparison_candidates(prompt: str, samples: list[str], fabrication_penalty: bool = False) -> list[str]:
+  """The responses a labeler ranks from K samples: the first non-empty sample of each distinct ranking_score.
+
+  With fabrication_penalty a knowledge question also gets the labeler-written ABSTAIN when no sample abstained,
+  so the RM data ranks every fabrication (unknown entity) and every wrong answer (known entity) below abstaining,
+  and abstaining below the true value of a known entity, even when the sampling policy never abstains.
+  """
+  by_score = {}
+  for r in samples:
+    if isinstance(r, str) and r.strip():
+      by_score.setdefault(round(ranking_score(prompt, r, fabrication_penalty), 6), r)
+  if fabrication_penalty and parse_prompt(prompt)[0].name == KNOWLEDGE:
+    by_score.setdefault(round(ranking_score(prompt, ABSTAIN, True), 6), ABSTAIN)
+  return list(by_score.values())
 
 
 def make_comparisons(prompts: list[str], responses: list[list[str]], cfg: TaskConfig) -> list[dict]:
