@@ -99,7 +99,8 @@ def _task_data(cfg, workdir: str) -> tuple[tasks.TaskConfig, dict]:
 
 
 def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str:
-  """K SFT samples per prompt ranked by the noisy oracle; duplicate texts and equal oracle scores dropped."""
+  """K SFT samples per prompt ranked by the noisy oracle (`tasks.comparison_candidates`: empty answers and equal
+  oracle scores dropped, so every pair has a true preference up to the label noise)."""
   path = os.path.join(workdir, "data", f"comparisons_{split}.jsonl")
   if os.path.exists(path):
     return path
@@ -114,12 +115,7 @@ def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str
   rng = np.random.default_rng([task_cfg.seed, 7 if split == "train" else 8])
   records = []
   for i, prompt in enumerate(prompts):
-    by_score = {}
-    for r in texts[i * K:(i + 1) * K]:
-      if not r.strip():  # an empty answer is no comparison record (the data format rejects empty strings)
-        continue
-      by_score.setdefault(round(tasks.ranking_score(prompt, r, task_cfg.fabrication_penalty), 6), r)
-    candidates = list(by_score.values())
+    candidates = tasks.comparison_candidates(prompt, texts[i * K:(i + 1) * K], task_cfg.fabrication_penalty)
     if len(candidates) >= 2:
       ranking = tasks.rank_responses(prompt, candidates, rng, task_cfg.comparison_noise_rate,
                                      task_cfg.fabrication_penalty)
