@@ -114,6 +114,55 @@ def attention_mask(q_idx_L, k_idx_S, q_seg_BxL, k_seg_BxS) -> jax.Array:
   return causal_LxS[None] & same_BxLxS
 
 
+Q_BLOCK = 64  # query rows per block in causal_attention (a block skips the keys after its last row)
+
+
+def _attend_cache(q_BxLxKxGxE, kT_BxKxExS, v_BxKxSxE, mask_BxLxS) -> jax.Array:
+  """softmax(q·kᵀ/√E masked)·v against the cache (stored as kᵀ and heads-major v: no per-step transpose of
+  the whole cache); out_BxLxKxGxE."""
+  E = q_BxLxKxGxE.shape[-1]
+  q_BxKxGxLxE = jnp.transpose(q_BxLxKxGxE, (0, 2, 3, 1, 4))
+  logits_BxKxGxLxS = jnp.einsum("bkgle,bkes->bkgls", q_BxKxGxLxE, kT_BxKxExS,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
+  logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxKxSxE.dtype)
+  out_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", probs_BxKxGxLxS, v_BxKxSxE)
+  return jnp.transpose(out_BxKxGxLxE, (0, 3, 1, 2, 4))
+
+
+def batched_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL) -> jax.Array:
+  """Full-sequence causal, segment-masked attention of the whole batch at once (the accelerator path)."""
+  idx_L = jnp.arange(q_BxLxKxGxE.shape[1])
+  mask_BxLxS = attention_mask(idx_L, idx_L, segment_ids_BxL, segment_ids_BxL)
+  return _attend_cache(q_BxLxKxGxE, jnp.transpose(k_BxLxKxE, (0, 2, 3, 1)), jnp.transpose(v_BxLxKxE, (0, 2, 1, 3)),
+                       mask_BxLxS)
+
+
+def _causal_row(q_KxGxLxE, k_KxLxE, v_KxLxE, seg_L) -> jax.Array:
+  """One row's causal, segment-masked attention in query blocks of Q_BLOCK; out_KxGxLxE."""
+  L, E = q_KxGxLxE.shape[2], q_KxGxLxE.shape[3]
+  out = []
+  for a in range(0, L, Q_BLOCK):
+    b = min(a + Q_BLOCK, L)
+    mask_LxS = attention_mask(jnp.arange(a, b), jnp.arange(b), seg_L[None, a:b], seg_L[None, :b])[0]
+    logits_KxGxLxS = jnp.einsum("kgle,kse->kgls", q_KxGxLxE[:, :, a:b], k_KxLxE[:, :b],
+                                preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
+    logits_KxGxLxS = jnp.where(mask_LxS, logits_KxGxLxS, jnp.finfo(jnp.float32).min)
+    probs_KxGxLxS = jax.nn.softmax(logits_KxGxLxS, axis=-1).astype(v_KxLxE.dtype)
+    out.append(jnp.einsum("kgls,kse->kgle", probs_KxGxLxS, v_KxLxE[:, :b]))
+  return jnp.concatenate(out, axis=2)
+
+
+def causal_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL) -> jax.Array:
+  """Full-sequence attention, one row at a time (lax.map) and recomputed in the backward pass (jax.checkpoint):
+  a row's scores stay in cache instead of B·H·L² floats going through memory; keys after a block are skipped."""
+  q_BxKxGxLxE = jnp.transpose(q_BxLxKxGxE, (0, 2, 3, 1, 4))
+  k_BxKxLxE, v_BxKxLxE = jnp.transpose(k_BxLxKxE, (0, 2, 1, 3)), jnp.transpose(v_BxLxKxE, (0, 2, 1, 3))
+  out_BxKxGxLxE = jax.lax.map(lambda xs: jax.checkpoint(_causal_row)(*xs),
+                              (q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, segment_ids_BxL))
+  return jnp.transpose(out_BxKxGxLxE, (0, 3, 1, 2, 4))
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query causal self-attention with an optional KV cache."""
   cfg: TransformerConfig
@@ -130,33 +179,32 @@ class Attention(nn.Module):
       k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
     B, L = x_BxLxD.shape[:2]
     q_idx_L = jnp.arange(L)
-    if decode:
-      k_BxSxKxE, v_BxSxKxE, k_seg_BxS, q_idx_L = self._update_cache(k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
-    else:
-      k_BxSxKxE, v_BxSxKxE, k_seg_BxS = k_BxLxKxE, v_BxLxKxE, segment_ids_BxL
-    S = k_BxSxKxE.shape[1]
-    mask_BxLxS = attention_mask(q_idx_L, jnp.arange(S), segment_ids_BxL, k_seg_BxS)
     q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
-    logits_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE,
-                                  preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
-    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
-    out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS, v_BxSxKxE)
+    if decode:
+      kT_BxKxExS, v_BxKxSxE, k_seg_BxS, q_idx_L = self._update_cache(k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
+      mask_BxLxS = attention_mask(q_idx_L, jnp.arange(k_seg_BxS.shape[1]), segment_ids_BxL, k_seg_BxS)
+      out_BxLxKxGxE = _attend_cache(q_BxLxKxGxE, kT_BxKxExS, v_BxKxSxE, mask_BxLxS)
+    elif jax.default_backend() == "cpu":  # row blocks keep the scores in cache: 3x faster on CPU (BENCHMARKS.md)
+      out_BxLxKxGxE = causal_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
+    else:  # accelerators: one batched attention
+      out_BxLxKxGxE = batched_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
     return _dense(cfg, cfg.d_model, "o", axis=(-2, -1))(out_BxLxKxGxE.reshape(B, L, H, E))
 
   def _update_cache(self, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
     """Writes L new slots at the cache index; returns the whole cache and the new slots' indices."""
     initialized = self.has_variable("cache", "key")
-    key = self.variable("cache", "key", jnp.zeros, k_BxLxKxE.shape, k_BxLxKxE.dtype)
-    value = self.variable("cache", "value", jnp.zeros, v_BxLxKxE.shape, v_BxLxKxE.dtype)
+    kT_BxKxExL = jnp.transpose(k_BxLxKxE, (0, 2, 3, 1))
+    v_BxKxLxE = jnp.transpose(v_BxLxKxE, (0, 2, 1, 3))
+    key = self.variable("cache", "key", jnp.zeros, kT_BxKxExL.shape, k_BxLxKxE.dtype)
+    value = self.variable("cache", "value", jnp.zeros, v_BxKxLxE.shape, v_BxLxKxE.dtype)
     seg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids_BxL.shape, jnp.int32)
     index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
     L = k_BxLxKxE.shape[1]
     q_idx_L = index.value + jnp.arange(L)
     if initialized:
-      start = (0, index.value, 0, 0)
-      key.value = jax.lax.dynamic_update_slice(key.value, k_BxLxKxE.astype(key.value.dtype), start)
-      value.value = jax.lax.dynamic_update_slice(value.value, v_BxLxKxE.astype(value.value.dtype), start)
+      key.value = jax.lax.dynamic_update_slice(key.value, kT_BxKxExL.astype(key.value.dtype), (0, 0, 0, index.value))
+      value.value = jax.lax.dynamic_update_slice(value.value, v_BxKxLxE.astype(value.value.dtype),
+                                                 (0, 0, index.value, 0))
       seg.value = jax.lax.dynamic_update_slice(seg.value, segment_ids_BxL.astype(jnp.int32), (0, index.value))
       index.value = index.value + L
     return key.value, value.value, seg.value, q_idx_L

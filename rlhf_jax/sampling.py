@@ -88,6 +88,15 @@ def filter_logits(logits_BxV: jax.Array, temperature, top_k: int = 0, top_p: flo
   return scaled_BxV
 
 
+def inverse_cdf_sample(key, logits_BxV) -> jax.Array:
+  """One draw per row from softmax(logits_BxV): the first index whose cumulative probability reaches u·total,
+  u ~ U(0, 1]. The distribution of jax.random.categorical, from B uniforms instead of B·V Gumbel draws
+  (which cost ~6 ms of each ~20 ms decode step at B=32, V=8192 on CPU)."""
+  cdf_BxV = jnp.cumsum(jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1), axis=-1)
+  u_Bx1 = jax.random.uniform(key, cdf_BxV.shape[:1] + (1,), minval=jnp.finfo(jnp.float32).tiny) * cdf_BxV[:, -1:]
+  return jnp.minimum(jnp.sum(cdf_BxV < u_Bx1, axis=-1), logits_BxV.shape[-1] - 1)
+
+
 def _choose(logits_BxV, key, temperature, opts: _Options):
   """Next token per row and its log-probs: (token_B, logp_B at temperature 1, sampling logp_B)."""
   logits_BxV = logits_BxV.astype(jnp.float32)
@@ -96,7 +105,7 @@ def _choose(logits_BxV, key, temperature, opts: _Options):
     sampling_logp_B = jnp.zeros(token_B.shape, jnp.float32)
   else:
     filtered_BxV = filter_logits(logits_BxV, temperature, opts.top_k, opts.top_p)
-    token_B = jax.random.categorical(key, filtered_BxV, axis=-1)
+    token_B = inverse_cdf_sample(key, filtered_BxV)
     sampling_logp_B = _gather(jax.nn.log_softmax(filtered_BxV, axis=-1), token_B)
   return token_B.astype(jnp.int32), _gather(jax.nn.log_softmax(logits_BxV, axis=-1), token_B), sampling_logp_B
 
