@@ -20,6 +20,23 @@ demo: venv
 test: venv
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+
+# Peers (torch CPU, transformers, trl 0.29) live in their own venv, never in the library's dependencies.
+$(BENCH_VENV)/.installed: setup.py benchmarks/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+	$(BENCH_PY) -m pip install --quiet -e .
+	$(BENCH_PY) -m pip install --quiet -r benchmarks/requirements.txt
+	touch $@
+
+# Every figure of BENCHMARKS.md against the PyTorch peers (1-6 min each on 2 cores)
+bench: $(BENCH_VENV)/.installed
+	mkdir -p workdir/bench
+	set -e; for b in pretrain_step sampling ppo_iteration stage_throughput scaling; do \
+	  $(BENCH_PY) -m benchmarks.$$b | tee workdir/bench/$$b.log; done
+
 # SIGKILL / mid-checkpoint-write / NaN / negative-control sweep over all four stages + 2-process runs (~15 min)
 faults: venv
 	$(PY) -m tests.faults_driver --kills=3 --multihost
