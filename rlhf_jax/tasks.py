@@ -259,6 +259,7 @@ register_family(Family(
 # ---------------------------------------------------------------------------------------------- knowledge
 
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+VALUE_PATTERN = f"[{_CONSONANTS}][{_VOWELS}][{_CONSONANTS}]{{2}}[{_VOWELS}]"  # the shape of every attribute value
 
 
 def _word(rng: np.random.Generator, pattern: str) -> str:

@@ -269,6 +269,45 @@ def test_fabrication_penalty_ranks_unknown_entity_assertions_last():
   assert T.ranking_score("add: 48+17 =", "64", fabrication_penalty=True) == 0.5
 
 
+def test_value_pattern_matches_every_value():
+  for e in T.entity_pool(T.TaskConfig(knowledge=True)):
+    assert all(re.fullmatch(T.VALUE_PATTERN, T.knowledge_value(t, e)) for t in T.ATTRIBUTES)
+  assert not any(re.fullmatch(T.VALUE_PATTERN, w) for w in ("unknown", "vexmo", "zezb", "zezbee", "zezbe.", ""))
+  assert re.fullmatch(T.VALUE_PATTERN, "zezbe")
+
+
+@pytest.mark.parametrize("penalty", [False, True])
+def test_knowledge_ranking_order(penalty):
+  """Known: correct > ABSTAIN > wrong. Unknown: ABSTAIN > any assertion (its hash value included) and a wrong
+  assertion is worst: below an empty answer with the penalty, tied with it without."""
+  (k, *_), (u, *_) = _known_unknown(T.TaskConfig(knowledge=True))
+  s = lambda e, r: T.ranking_score(f"ask: capital of {e}? =", r, penalty)
+  true_k, true_u = T.knowledge_value("capital", k), T.knowledge_value("capital", u)
+  assert s(k, true_k) > s(k, "unknown") > s(k, "zzzzz") == s(k, "")
+  assert s(u, "unknown") > s(u, "") and s(u, true_u) == s(u, "zzzzz") == s(u, "unknown.")
+  assert (s(u, "") > s(u, "zzzzz")) if penalty else (s(u, "") == s(u, "zzzzz"))
+
+
+def test_comparison_candidates_dedup_and_labeler_abstain():
+  (k, *_), (u, *_) = _known_unknown(T.TaskConfig(knowledge=True))
+  pk, pu = f"ask: ruler of {k}? =", f"ask: ruler of {u}? ="
+  t = T.knowledge_value("ruler", k)
+  cases = [  # (prompt, samples, plain candidates, penalty candidates): first non-empty sample per score
+      (pu, ["vexmo", "dakor", "", "vexmo"], ["vexmo"], ["vexmo", "unknown"]),
+      (pu, ["", "vexmo", "unknown", "dakor"], ["vexmo", "unknown"], ["vexmo", "unknown"]),
+      (pu, ["unknown", "unknown"], ["unknown"], ["unknown"]),
+      (pk, [t, t, "zzzzz"], [t, "zzzzz"], [t, "zzzzz", "unknown"]),
+      (pk, [" unknown ", t], [" unknown ", t], [" unknown ", t]),
+      ("add: 48+17 =", ["65", "64", "65", "  "], ["65", "64"], ["65", "64"]),
+  ]
+  for prompt, samples, plain, penalty in cases:
+    assert T.comparison_candidates(prompt, samples) == plain, (prompt, samples)
+    assert T.comparison_candidates(prompt, samples, fabrication_penalty=True) == penalty, (prompt, samples)
+  rng = np.random.default_rng(0)
+  assert T.rank_responses(pk, [t, "zzzzz", "unknown"], rng, fabrication_penalty=True) == [0, 2, 1]
+  assert T.rank_responses(pu, ["vexmo", "unknown"], rng, fabrication_penalty=True) == [1, 0]
+
+
 @pytest.mark.parametrize("policy", T.DEMO_POLICIES)
 def test_demo_policy(policy):
   cfg = T.TaskConfig(knowledge=True, operations=(), demo_error_rate=0.0, demo_policy=policy, **SMALL)
