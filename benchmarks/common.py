@@ -133,5 +133,13 @@ def train_flops(cfg: model.TransformerConfig, batch: int, seq: int) -> float:
   return 6.0 * n_matmul * tokens + 12.0 * L * seq * D * tokens
 
 
+def generation_args(ap) -> None:
+  """The shape flags the sampling and PPO benchmarks share: batch, prompt length, new tokens, vocab."""
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--prompt", type=int, default=32)
+  ap.add_argument("--new", type=int, default=64)
+  ap.add_argument("--vocab", type=int, default=8192)
+
+
 def fmt_rate(x: float) -> str:
   return f"{x / 1e9:.1f} GFLOP/s"

@@ -162,10 +162,7 @@ def report(name: str, r: dict) -> tuple[float, float]:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--prompt", type=int, default=32)
-  ap.add_argument("--new", type=int, default=64)
-  ap.add_argument("--vocab", type=int, default=8192)
+  common.generation_args(ap)
   ap.add_argument("--iters", type=int, default=4, help="timed iterations after the first (compile) one")
   args = ap.parse_args()
   common.header(f"PPO iteration: GPT-2 D=256 L=6 H=8 vocab {args.vocab} policy/value/reward/reference, "

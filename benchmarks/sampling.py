@@ -68,10 +68,7 @@ def hf_generator(hf, prompts_BxP, new_tokens: int, greedy: bool, eos_id: int):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--prompt", type=int, default=32)
-  ap.add_argument("--new", type=int, default=64)
-  ap.add_argument("--vocab", type=int, default=8192)
+  common.generation_args(ap)
   ap.add_argument("--reps", type=int, default=5)
   args = ap.parse_args()
   common.header(f"sampling: GPT-2 D=256 L=6 H=8 vocab {args.vocab}, batch {args.batch}, prompt {args.prompt} -> "
