@@ -87,7 +87,6 @@ class Init:
   model: TransformerConfig
   tokenizer: Tokenizer
   params_fn: Callable[[], Any] | None = None
-  head_params: Any = None  # a reward model's ScalarHead params, when init_from is an RM workdir
 
 
 def _source_meta(workdir: str) -> dict:
