@@ -11,8 +11,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import data, parallel, rl, sampling
-from rlhf_jax.model import Transformer, TransformerConfig
+from rlhf_jax import data, parallel, ppo, rl, sampling
+from rlhf_jax.model import TransformerConfig
 from rlhf_jax.tokenizer import Tokenizer
 
 
@@ -54,9 +54,9 @@ def generate(params, cfg: TransformerConfig, tok: Tokenizer, prompts: Sequence[s
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _response_logp(params, samples: sampling.Samples, cfg: TransformerConfig):
   T = samples.tokens_BxT.shape[1]
-  logits, _ = Transformer(cfg).apply({"params": params}, samples.sequence_BxPT, samples.positions_BxPT,
-                                     samples.sequence_mask_BxPT)
-  return rl.token_logprobs(logits[:, -T - 1:-1], samples.sequence_BxPT[:, -T:]) * samples.mask_BxT
+  logits_BxTxV, _ = ppo.response_logits(params, cfg, samples.sequence_BxPT, samples.sequence_mask_BxPT,
+                                        samples.positions_BxPT, T)
+  return rl.token_logprobs(logits_BxTxV, samples.sequence_BxPT[:, -T:]) * samples.mask_BxT
 
 
 def kl_to_reference(params, ref_params, cfg: TransformerConfig, batches: Sequence[sampling.Samples]) -> float:

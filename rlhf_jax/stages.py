@@ -279,10 +279,12 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   return last
 
 
+_sequence_scores = jax.jit(losses.sequence_scores, static_argnames=("cfg",))  # compiled once per model and shape
+
+
 def score_texts(reward_params, model: TransformerConfig, tok: Tokenizer, prompts: list[str], responses: list[str],
                 seq_len: int, batch_size: int = 32) -> np.ndarray:
   """RM scores of (prompt, response) pairs (prompt cut from the left to fit seq_len), without any offset."""
-  score = jax.jit(functools.partial(losses.sequence_scores, cfg=model))
   out = []
   for lo in range(0, len(prompts), batch_size):
     rows = [data.comparison_pieces({"prompt": p, "responses": [r], "ranking": [0], "origin": f"pair {lo + i}"},
@@ -291,7 +293,7 @@ def score_texts(reward_params, model: TransformerConfig, tok: Tokenizer, prompts
     pad = batch_size - len(rows)  # static shapes: one compilation
     rows += [rows[0]] * pad
     b = {k: np.stack([r[k][0] for r in rows]) for k in ("tokens", "positions", "segment_ids", "last_idx")}
-    s = score(reward_params, b["tokens"], b["positions"], b["segment_ids"], b["last_idx"])
+    s = _sequence_scores(reward_params, b["tokens"], b["positions"], b["segment_ids"], b["last_idx"], cfg=model)
     out.append(np.asarray(s)[:len(rows) - pad])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
 
