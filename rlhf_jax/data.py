@@ -9,15 +9,16 @@ dataset (prepared in array_record format under `tfds_data_dir`) with the same re
 
 Batches (numpy, int32 tokens, float32 masks), B = batch_size / process_count rows on each host:
   packed LM / SFT   inputs, targets, positions, segment_ids (1.. per document, 0 = pad), loss_mask  (B, L)
-  comparisons       tokens, segment_ids, positions (B, Kmax, L); last_idx, rank (0 best, -1 pad) (B, Kmax);
-                    valid (B, Kmax)
+  comparisons       tokens, segment_ids, positions (B, Kmax, L): whole records packed into Kmax rows per element;
+                    last_idx (flat slot in the element's Kmax·L), rank (0 best, -1 pad), valid (B, R, Kmax)
   RL prompts        prompt_tokens, prompt_mask (B, P), left-padded [bos] + prompt; prompts: list of strings
 Training loaders iterate forever: each epoch shuffles the records with (seed, epoch); every host builds the
 same global rows and keeps its slice of each global batch (the global batch does not depend on the number of
 hosts; each host tokenizes all records). Documents are tokenized, framed as [bos] + ids + [eos], shifted into
 (inputs, targets), cut into chunks of at most L and packed into rows: pretraining text fills every row (a
 chunk is cut at the row's end and continues in the next row as a new segment); SFT examples are never cut
-(next-fit). `get_state()` ({epoch, position, chunk, offset, records}) names the next token to place;
+(next-fit); comparison records are never split either: an element of Kmax rows takes whole records next-fit,
+their sequences first-fit in its rows (each scored at its last token; pairs only within a record). `get_state()` ({epoch, position, chunk, offset, records}) names the next token to place;
 `set_state` resumes the exact stream. Eval loaders
 (`train=False`) make one unshuffled pass; every host builds the same global batches and takes its slice,
 so all hosts yield the same number of batches; the last is padded with empty rows (all masks zero).
@@ -71,26 +72,60 @@ def sft_pieces(record: dict, tok: Tokenizer, seq_len: int, truncate: bool = Fals
 
 def comparison_pieces(record: dict, tok: Tokenizer, seq_len: int, max_responses: int,
                       truncate: bool = False) -> list:
-  """One row: K responses, each [bos] + prompt + response + [eos] right-padded to seq_len, in max_responses slots."""
+  """One piece: the record's K sequences [bos] + prompt + response + [eos] (each <= seq_len) and their ranks."""
   k = len(record["responses"])
   if k > max_responses:
     raise ValueError(f"{record['origin']}: {k} responses but max_responses={max_responses}")
   responses = [tok.encode(r) + [tok.eos_id] for r in record["responses"]]
   prompt = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1 + max(map(len, responses)), seq_len,
                                       truncate, record["origin"], f"seq_len={seq_len}")
-  row = {"tokens": np.full((max_responses, seq_len), tok.pad_id, np.int32),
-         "segment_ids": np.zeros((max_responses, seq_len), np.int32),
-         "positions": np.zeros((max_responses, seq_len), np.int32),
-         "last_idx": np.zeros(max_responses, np.int32), "rank": np.full(max_responses, -1, np.int32),
-         "valid": np.zeros(max_responses, np.float32)}
-  for i, response in enumerate(responses):
-    n = len(prompt) + len(response)
-    row["tokens"][i, :n] = prompt + response
-    row["segment_ids"][i, :n] = 1
-    row["positions"][i, :n] = np.arange(n)
-    row["last_idx"][i], row["valid"][i] = n - 1, 1.0
-  row["rank"][np.asarray(record["ranking"])] = np.arange(k)
-  return [row]
+  rank = np.zeros(k, np.int32)
+  rank[np.asarray(record["ranking"])] = np.arange(k)
+  return [{"sequences": [np.asarray(prompt + r, np.int32) for r in responses], "rank": rank}]
+
+
+def place_comparisons(pieces: Sequence[dict], seq_len: int, max_responses: int, max_records: int,
+                      packed: bool = True) -> list | None:
+  """(row, start) of every sequence of `pieces` in one element of max_responses rows × seq_len, or None if they do
+  not fit. Packed: first fit, in order, at most max_records records. Unpacked: one record, sequence i in row i."""
+  if len(pieces) > (max_records if packed else 1):
+    return None
+  if not packed:
+    return [(i, 0) for i in range(len(pieces[0]["sequences"]))] if pieces else []
+  used, places = [0] * max_responses, []
+  for piece in pieces:
+    for seq in piece["sequences"]:
+      row = next((r for r in range(max_responses) if used[r] + len(seq) <= seq_len), None)
+      if row is None:
+        return None
+      places.append((row, used[row]))
+      used[row] += len(seq)
+  return places
+
+
+def pack_comparisons(pieces: Sequence[dict], seq_len: int, max_responses: int, max_records: int, pad_id: int,
+                     packed: bool = True) -> dict:
+  """One element: the records' sequences placed by `place_comparisons` in max_responses rows of seq_len slots
+  (segment ids 1.. per row, positions restarting), and per record slot r and response k: last_idx (the flat slot
+  row · seq_len + column of the sequence's last token), rank (0 best, -1 none) and valid."""
+  places = place_comparisons(pieces, seq_len, max_responses, max_records, packed)
+  if places is None:
+    raise ValueError(f"pack_comparisons: {len(pieces)} records do not fit {max_responses} rows x {seq_len} "
+                     f"(max_records={max_records}, packed={packed})")
+  K, R = max_responses, max_records if packed else 1
+  el = {"tokens": np.full((K, seq_len), pad_id, np.int32), "segment_ids": np.zeros((K, seq_len), np.int32),
+        "positions": np.zeros((K, seq_len), np.int32), "last_idx": np.zeros((R, K), np.int32),
+        "rank": np.full((R, K), -1, np.int32), "valid": np.zeros((R, K), np.float32)}
+  at = iter(places)
+  for r, piece in enumerate(pieces):
+    el["rank"][r, :len(piece["rank"])] = piece["rank"]
+    for k, seq in enumerate(piece["sequences"]):
+      row, start = next(at)
+      span = slice(start, start + len(seq))
+      el["tokens"][row, span], el["positions"][row, span] = seq, np.arange(len(seq))
+      el["segment_ids"][row, span] = el["segment_ids"][row].max() + 1
+      el["last_idx"][r, k], el["valid"][r, k] = row * seq_len + start + len(seq) - 1, 1.0
+  return el
 
 
 def prompt_pieces(record: dict, tok: Tokenizer, prompt_len: int, truncate: bool = False) -> list:
@@ -140,9 +175,10 @@ class _Stream:
   """Rows from records in a per-epoch order; (epoch, position, chunk) names the next piece to place."""
 
   def __init__(self, records: Records, order_fn: Callable[[int], np.ndarray], pieces_fn: Callable,
-               pack_fn: Callable | None, seq_len: int, finite: bool, split: bool = False):
+               pack_fn: Callable | None, seq_len: int, finite: bool, split: bool = False,
+               fits_fn: Callable[[list], bool] | None = None):
     self.records, self.order_fn, self.pieces_fn, self.pack_fn = records, order_fn, pieces_fn, pack_fn
-    self.seq_len, self.finite, self.split = seq_len, finite, split
+    self.seq_len, self.finite, self.split, self.fits_fn = seq_len, finite, split, fits_fn
     self.epoch = self.position = self.chunk = self.offset = 0
     self._order_epoch, self._cache_key = None, None
 
@@ -166,7 +202,8 @@ class _Stream:
 
   def next_row(self) -> dict:
     """The next row: one record's row, or (packing) the next pieces in order; a piece that does not fit the rest
-    of the row is cut to fill it when `split` (pretraining text), else it opens the next row (next-fit)."""
+    of the row is cut to fill it when `split` (pretraining text), else it opens the next row (next-fit). With
+    `fits_fn` (comparisons) whole pieces are taken while fits_fn(taken + [piece]) holds."""
     if self.pack_fn is None:
       pieces = self._pieces()
       self._advance(len(pieces))
@@ -174,6 +211,12 @@ class _Stream:
     taken, used = [], 0
     while not self.done():
       pieces = self._pieces()
+      if self.fits_fn is not None:
+        if not self.fits_fn(taken + [pieces[self.chunk]]):
+          break
+        taken.append(pieces[self.chunk])
+        self._advance(len(pieces))
+        continue
       piece = tuple(x[self.offset:] for x in pieces[self.chunk])
       room = self.seq_len - used
       if len(piece[0]) > room:
@@ -264,7 +307,7 @@ LOADER_OPTIONS = {  # keyword options of every make_*_loader
 
 def _loader(kind: str, source, workdir: str, pieces_fn: Callable, pack_fn: Callable | None, seq_len: int,
             batch_size: int, seed: int, process_index: int, process_count: int, options: dict,
-            split: bool = False):
+            split: bool = False, fits_fn: Callable | None = None):
   """A training Loader (shuffled per epoch, host shard) or, with train=False, an EvalLoader."""
   unknown = sorted(set(options) - set(LOADER_OPTIONS))
   if unknown:
@@ -283,13 +326,13 @@ def _loader(kind: str, source, workdir: str, pieces_fn: Callable, pack_fn: Calla
     for i in range(n):
       pieces_fn(records[i])
   if not opts["train"]:
-    return EvalLoader(lambda: _Stream(records, lambda e: np.arange(n), pieces_fn, pack_fn, seq_len, True, split),
-                      rows, process_index, process_count)
+    return EvalLoader(lambda: _Stream(records, lambda e: np.arange(n), pieces_fn, pack_fn, seq_len, True, split,
+                                      fits_fn), rows, process_index, process_count)
 
   def order(epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
-  return Loader(_Stream(records, order, pieces_fn, pack_fn, seq_len, False, split), rows, process_index,
+  return Loader(_Stream(records, order, pieces_fn, pack_fn, seq_len, False, split, fits_fn), rows, process_index,
                 process_count)
 
 
@@ -315,11 +358,24 @@ def make_sft_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int,
 
 def make_comparison_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int, max_responses: int,
                            seed: int, workdir: str, process_index: int = 0, process_count: int = 1,
-                           truncate_prompt: bool = False, **options):
-  """Reward-model batches (B, max_responses, L) from JSONL comparisons (ranking or chosen/rejected)."""
+                           truncate_prompt: bool = False, pack: bool = True, max_records: int | None = None,
+                           **options):
+  """Reward-model batches from JSONL comparisons (ranking or chosen/rejected): batch_size elements of
+  max_responses rows × seq_len, each holding whole records (every response of a record in the same element).
+
+  pack=True: as many records as fit (next-fit, at most max_records per element, default max(1, seq_len // 16)),
+  their sequences placed first-fit in the rows as segments; pack=False: one record per element, response k in
+  row k (the padded layout). Fields: tokens, segment_ids, positions (B, Kmax, L); last_idx, rank, valid
+  (B, R, Kmax) with R = max_records (1 unpacked) and last_idx a flat slot index into the element's Kmax·L slots.
+  """
+  R = max(1, seq_len // 16) if max_records is None else int(max_records)
+  if R < 1:
+    raise ValueError(f"make_comparison_loader: max_records={max_records} must be >= 1")
   return _loader("comparison", source, workdir,
-                 lambda r: comparison_pieces(r, tokenizer, seq_len, max_responses, truncate_prompt), None,
-                 seq_len, batch_size, seed, process_index, process_count, options)
+                 lambda r: comparison_pieces(r, tokenizer, seq_len, max_responses, truncate_prompt),
+                 lambda p: pack_comparisons(p, seq_len, max_responses, R, tokenizer.pad_id, pack),
+                 seq_len, batch_size, seed, process_index, process_count, options,
+                 fits_fn=lambda p: place_comparisons(p, seq_len, max_responses, R, pack) is not None)
 
 
 def make_prompt_loader(source, tokenizer: Tokenizer, prompt_len: int, batch_size: int, seed: int, workdir: str,

@@ -2,7 +2,8 @@
 
 lm: next-token cross-entropy on packed batches, counted where `loss_mask` is 1 (every real target for
 pretraining, response targets only for SFT): CE(φ) = −E log y_k.
-reward: Bradley–Terry over ranked responses, −log σ(s_w − s_l), all C(K,2) pairs of a prompt in one element.
+reward: Bradley–Terry over ranked responses, −log σ(s_w − s_l), all C(K,2) pairs of each record; records are
+packed several per batch element (each sequence scored at its last token).
 The element-wise RL math (PPO clipped losses, GAE, KL estimators) lives in rl.py and is re-exported here.
 """
 from __future__ import annotations
@@ -28,35 +29,47 @@ def lm_loss(params, batch: dict, rng: jax.Array, *, cfg: TransformerConfig):
   return loss_sum, {"loss": (loss_sum, count), "accuracy": (correct, count)}
 
 
-def sequence_scores(params, tokens_NxL, positions_NxL, segment_ids_NxL, last_idx_N, *, cfg: TransformerConfig):
-  """Reward-model scores: ScalarHead on the hidden state of each row's last non-pad token -> score_N.
+def packed_scores(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, *,
+                  cfg: TransformerConfig):
+  """Reward-model scores of sequences packed into B elements of K rows: ScalarHead on the hidden state at each
+  flat slot index row · L + column of `last_idx_BxM` -> score_BxM.
 
   `params = {"backbone": transformer params, "head": ScalarHead params}`.
   """
-  _, h_NxLxD = Transformer(cfg).apply({"params": params["backbone"]}, tokens_NxL, positions_NxL, segment_ids_NxL)
-  h_NxD = jnp.take_along_axis(h_NxLxD, last_idx_N[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-  return ScalarHead(cfg).apply({"params": params["head"]}, h_NxD[:, None])[:, 0]
+  B, K, L = tokens_BxKxL.shape
+  rows = lambda x: x.reshape(B * K, L)
+  _, h_NxLxD = Transformer(cfg).apply({"params": params["backbone"]}, rows(tokens_BxKxL), rows(positions_BxKxL),
+                                      rows(segment_ids_BxKxL))
+  h_BxKLxD = h_NxLxD.reshape(B, K * L, h_NxLxD.shape[-1])
+  h_BxMxD = jnp.take_along_axis(h_BxKLxD, last_idx_BxM[..., None].astype(jnp.int32), axis=1)
+  return ScalarHead(cfg).apply({"params": params["head"]}, h_BxMxD)
+
+
+def sequence_scores(params, tokens_NxL, positions_NxL, segment_ids_NxL, last_idx_N, *, cfg: TransformerConfig):
+  """Reward-model scores: ScalarHead on the hidden state of each row's last non-pad token -> score_N."""
+  return packed_scores(params, tokens_NxL[:, None], positions_NxL[:, None], segment_ids_NxL[:, None],
+                       last_idx_N[:, None], cfg=cfg)[:, 0]
 
 
 def reward_loss(params, batch: dict, rng: jax.Array, *, cfg: TransformerConfig):
-  """Bradley–Terry over all C(K,2) ranked pairs of each prompt, one forward per response: −log σ(s_w − s_l).
+  """Bradley–Terry over all C(K,2) ranked pairs of each record, the records packed: −log σ(s_w − s_l).
 
-  Batch (from data.make_comparison_loader): tokens/positions/segment_ids BxKxL, last_idx/rank/valid BxK.
-  Returns the summed pair loss; aux: loss, accuracy, margin per pair; score and score² per valid response.
+  Batch (from data.make_comparison_loader): tokens/positions/segment_ids BxKxL (K rows per element), and per
+  record slot r and response k last_idx/rank/valid BxRxK. Returns the summed pair loss; aux: loss, accuracy,
+  margin per pair; score and score² per valid response.
   """
   del rng
-  B, K, L = batch["tokens"].shape
-  flat = lambda x: x.reshape((B * K,) + x.shape[2:])
-  score_N = sequence_scores(params, flat(batch["tokens"]), flat(batch["positions"]), flat(batch["segment_ids"]),
-                            flat(batch["last_idx"]), cfg=cfg)
-  valid_BxK = batch["valid"].astype(jnp.float32)
-  score_BxK = score_N.reshape(B, K) * valid_BxK  # NaN-poisoned masks reach the loss
-  loss, aux = rl.pairwise_bradley_terry(score_BxK, batch["rank"], valid_BxK)
+  B, R, K = batch["rank"].shape
+  score_BxM = packed_scores(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                            batch["last_idx"].reshape(B, R * K), cfg=cfg)
+  valid_NxK = batch["valid"].astype(jnp.float32).reshape(B * R, K)
+  score_NxK = score_BxM.reshape(B * R, K) * valid_NxK  # NaN-poisoned masks reach the loss
+  loss, aux = rl.pairwise_bradley_terry(score_NxK, batch["rank"].reshape(B * R, K), valid_NxK)
   pairs = aux["num_pairs"].astype(jnp.float32)
-  n = jnp.sum(valid_BxK)
+  n = jnp.sum(valid_NxK)
   return loss * pairs, {"loss": (loss * pairs, pairs), "accuracy": (aux["accuracy"] * pairs, pairs),
-                        "margin": (aux["margin"] * pairs, pairs), "score": (jnp.sum(score_BxK), n),
-                        "score_sq": (jnp.sum(score_BxK ** 2), n)}
+                        "margin": (aux["margin"] * pairs, pairs), "score": (jnp.sum(score_NxK), n),
+                        "score_sq": (jnp.sum(score_NxK ** 2), n)}
 
 
 bradley_terry_loss = rl.bradley_terry_loss

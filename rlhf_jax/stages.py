@@ -279,7 +279,7 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   return last
 
 
-_sequence_scores = jax.jit(losses.sequence_scores, static_argnames=("cfg",))  # compiled once per model and shape
+_packed_scores = jax.jit(losses.packed_scores, static_argnames=("cfg",))  # compiled once per model and shape
 
 
 def score_texts(reward_params, model: TransformerConfig, tok: Tokenizer, prompts: list[str], responses: list[str],
@@ -287,14 +287,15 @@ def score_texts(reward_params, model: TransformerConfig, tok: Tokenizer, prompts
   """RM scores of (prompt, response) pairs (prompt cut from the left to fit seq_len), without any offset."""
   out = []
   for lo in range(0, len(prompts), batch_size):
-    rows = [data.comparison_pieces({"prompt": p, "responses": [r], "ranking": [0], "origin": f"pair {lo + i}"},
-                                   tok, seq_len, 1, truncate=True)[0]
-            for i, (p, r) in enumerate(zip(prompts[lo:lo + batch_size], responses[lo:lo + batch_size]))]
+    rows = [data.pack_comparisons(data.comparison_pieces(
+        {"prompt": p, "responses": [r], "ranking": [0], "origin": f"pair {lo + i}"}, tok, seq_len, 1, truncate=True),
+        seq_len, 1, 1, tok.pad_id) for i, (p, r) in enumerate(zip(prompts[lo:lo + batch_size],
+                                                                   responses[lo:lo + batch_size]))]
     pad = batch_size - len(rows)  # static shapes: one compilation
     rows += [rows[0]] * pad
-    b = {k: np.stack([r[k][0] for r in rows]) for k in ("tokens", "positions", "segment_ids", "last_idx")}
-    s = _sequence_scores(reward_params, b["tokens"], b["positions"], b["segment_ids"], b["last_idx"], cfg=model)
-    out.append(np.asarray(s)[:len(rows) - pad])
+    b = {k: np.stack([r[k] for r in rows]) for k in ("tokens", "positions", "segment_ids", "last_idx")}
+    s = _packed_scores(reward_params, b["tokens"], b["positions"], b["segment_ids"], b["last_idx"][:, 0], cfg=model)
+    out.append(np.asarray(s)[:len(rows) - pad, 0])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

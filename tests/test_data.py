@@ -159,9 +159,10 @@ def test_comparison_batch_fields(tok, tmp_path):
   path = _jsonl(tmp_path / "cmp.jsonl", recs)
   seq_len, kmax = 20, 4
   loader = data.make_comparison_loader(path, tok, seq_len, 4, kmax, 0, str(tmp_path), train=False,
-                                       local_device_count=1)
+                                       local_device_count=1, pack=False)
   (batch,) = list(loader)
-  assert batch["tokens"].shape == (4, kmax, seq_len) and batch["rank"].shape == (4, kmax)
+  assert batch["tokens"].shape == (4, kmax, seq_len) and batch["rank"].shape == (4, 1, kmax)
+  batch.update({k: batch[k][:, 0] for k in ("last_idx", "rank", "valid")})  # one record per element
   for i, r in enumerate(recs):
     responses = r.get("responses", [r.get("chosen"), r.get("rejected")])
     ranking = r.get("ranking", [0, 1])
@@ -173,12 +174,127 @@ def test_comparison_batch_fields(tok, tmp_path):
       np.testing.assert_array_equal(batch["segment_ids"][i, k], [1] * n + [0] * (seq_len - n))
       np.testing.assert_array_equal(batch["positions"][i, k, :n], np.arange(n))
       assert batch["valid"][i, k] == float(k < len(responses))
-      assert batch["last_idx"][i, k] == max(n - 1, 0)
+      assert batch["last_idx"][i, k] == (k * seq_len + n - 1 if n else 0)  # flat slot in the element
       assert batch["rank"][i, k] == (ranking.index(k) if k < len(responses) else -1)
   bad = _jsonl(tmp_path / "k5.jsonl", recs[:1] + [{"prompt": "p", "responses": list("abcde"),
                                                    "ranking": [0, 1, 2, 3, 4]}])
   with pytest.raises(ValueError, match=re.escape(f"{bad}:2:") + ".*5 responses.*max_responses=4"):
     data.make_comparison_loader(bad, tok, seq_len, 2, kmax, 0, str(tmp_path), local_device_count=1)
+
+
+def _comparison_records(n=15):
+  """n ranked comparisons with 2-4 responses of different lengths (9-24 tokens each with the test tokenizer)."""
+  words = " ".join(LINES).split()
+  rng = np.random.default_rng(0)
+  recs = []
+  for i in range(n):
+    k = 2 + i % 3
+    responses = [" ".join(words[(7 * i + 3 * j) % len(words):][:1 + (i + j) % 4]) for j in range(k)]
+    recs.append({"prompt": f"Q{i}: {words[i]}\n", "responses": responses, "ranking": rng.permutation(k).tolist()})
+  return recs
+
+
+def _packed_records(tok, batch, seq_len):
+  """[(tokens of each sequence in response order, ranks)] of every record slot of a packed comparison batch, read
+  back through last_idx: the segment that holds the slot, which must end there and count positions from 0."""
+  out = []
+  for e in range(batch["tokens"].shape[0]):
+    for r in range(batch["rank"].shape[1]):
+      seqs, ranks = [], []
+      for k in np.flatnonzero(batch["valid"][e, r]):
+        row, col = divmod(int(batch["last_idx"][e, r, k]), seq_len)
+        seg = batch["segment_ids"][e, row]
+        m = seg == seg[col]
+        assert seg[col] > 0 and np.flatnonzero(m)[-1] == col
+        np.testing.assert_array_equal(batch["positions"][e, row][m], np.arange(m.sum()))
+        seqs.append(tuple(batch["tokens"][e, row][m]))
+        ranks.append(int(batch["rank"][e, r, k]))
+      if batch["valid"][e].any():  # (not an eval pass's padding element, which is all zeros)
+        assert (batch["rank"][e, r][batch["valid"][e, r] == 0] == -1).all()
+      if seqs:
+        out.append((seqs, ranks))
+  return out
+
+
+def test_packed_comparisons_hold_whole_records_once_each(tok, tmp_path):
+  recs, seq_len, kmax = _comparison_records(), 48, 4
+  path = _jsonl(tmp_path / "cmp.jsonl", recs)
+  loader = data.make_comparison_loader(path, tok, seq_len, 2, kmax, 0, str(tmp_path), train=False,
+                                       local_device_count=1, max_records=4)
+  batches = list(loader)
+  assert batches[0]["tokens"].shape == (2, kmax, seq_len) and batches[0]["rank"].shape == (2, 4, kmax)
+  got = [x for b in batches for x in _packed_records(tok, b, seq_len)]
+  want = []
+  for r in recs:
+    seqs = [tuple([tok.bos_id] + tok.encode(r["prompt"]) + tok.encode(x) + [tok.eos_id]) for x in r["responses"]]
+    want.append((seqs, [r["ranking"].index(k) for k in range(len(seqs))]))
+  assert got == want  # every record once, in order, whole, each sequence ending at its last_idx
+  elements = sum(int(b["valid"].any(axis=(1, 2)).sum()) for b in batches)
+  assert elements < len(recs) / 2  # packed: more than two records per element on average
+  slots = sum(int(np.count_nonzero(b["segment_ids"])) for b in batches)
+  assert slots == sum(len(s) for seqs, _ in want for s in seqs)  # nothing but the sequences occupies slots
+
+
+def test_packed_comparison_stream_resumes_and_shards_over_hosts(tok, tmp_path):
+  path = _jsonl(tmp_path / "cmp.jsonl", _comparison_records())
+  make = lambda i=0, n=1: data.make_comparison_loader(path, tok, 48, 4, 4, 3, str(tmp_path), i, n,
+                                                      local_device_count=1, max_records=4)
+  a, hosts = make(), [make(0, 2), make(1, 2)]
+  for _ in range(3):
+    want = next(a)
+    got = [next(h) for h in hosts]
+    for k in want:
+      np.testing.assert_array_equal(np.concatenate([got[0][k], got[1][k]]), want[k])
+  state = json.loads(json.dumps(a.get_state()))
+  rest = [next(a) for _ in range(8)]  # past the end of the epoch (15 records, about 3 per element)
+  assert a.get_state()["epoch"] >= 1
+  b = make()
+  b.set_state(state)
+  for x, y in zip(rest, [next(b) for _ in range(8)]):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_packed_reward_loss_and_grads_equal_the_padded_layout(tok, tmp_path):
+  import jax
+  from rlhf_jax import losses, stages
+  from rlhf_jax.model import TransformerConfig
+  cfg = TransformerConfig(vocab_size=512, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=2, max_len=48)
+  params = stages.fresh_reward_params(cfg, jax.random.PRNGKey(0))
+  recs = _comparison_records()
+  path = _jsonl(tmp_path / "cmp.jsonl", recs)
+  step = jax.jit(jax.value_and_grad(lambda p, b: losses.reward_loss(p, b, None, cfg=cfg), has_aux=True))
+
+  def total(pack):  # summed loss, pair count and gradient of the loss sum over one pass
+    loader = data.make_comparison_loader(path, tok, 48, 4, 4, 0, str(tmp_path), train=False, local_device_count=1,
+                                         pack=pack, max_records=4)
+    out = [step(params, b) for b in loader]
+    grads = jax.tree.map(lambda *g: np.sum(g, axis=0), *[g for _, g in out])
+    return sum(float(l) for (l, _), _ in out), sum(float(a["loss"][1]) for (_, a), _ in out), grads, len(out)
+
+  packed, padded = total(True), total(False)
+  assert packed[3] < padded[3]  # fewer batches for the same records
+  # reference: each sequence alone in its own right-padded row, then −log σ(s_w − s_l) over the ranked pairs
+  seqs = [[tok.bos_id] + tok.encode(r["prompt"]) + tok.encode(x) + [tok.eos_id] for r in recs for x in r["responses"]]
+  rows = np.array([s + [0] * (48 - len(s)) for s in seqs], np.int32)
+  scores = np.asarray(losses.sequence_scores(params, rows, np.tile(np.arange(48), (len(seqs), 1)),
+                                             (rows != 0).astype(np.int32) * (np.arange(48) < np.array(
+                                                 [len(s) for s in seqs])[:, None]),
+                                             np.array([len(s) - 1 for s in seqs]), cfg=cfg), np.float64)
+  want, pairs, at = 0.0, 0, 0
+  for r in recs:
+    s, rank = scores[at:at + len(r["responses"])], [r["ranking"].index(k) for k in range(len(r["responses"]))]
+    at += len(rank)
+    for i in range(len(rank)):
+      for j in range(len(rank)):
+        if rank[i] < rank[j]:
+          want, pairs = want + np.log1p(np.exp(-(s[i] - s[j]))), pairs + 1
+  assert packed[1] == padded[1] == pairs == 5 * (1 + 3 + 6)
+  assert abs(packed[0] - want) < 1e-5 * want and abs(padded[0] - want) < 1e-5 * want, (packed[0], padded[0], want)
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(padded[2]))
+  assert scale > 1e-2
+  for a, b in zip(jax.tree.leaves(packed[2]), jax.tree.leaves(padded[2])):
+    np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0)
 
 
 def test_prompts_left_padded_and_eval_slices_per_host(tok, tmp_path):
