@@ -154,7 +154,7 @@ def report(name: str, r: dict) -> tuple[float, float]:
   cpu_rate = float(np.median([t / c for t, c in zip(r["tokens"][steady], r["cpu"][steady])]))
   print(f"  {name:5s} iteration wall {common.spread(it[steady])}, CPU {common.med(r['cpu'][steady]):.2f} s; "
         f"first iteration (incl. compile) {it[0]:.1f} s")
-  print(f"        generation {common.med(r['generation'][steady]):.3f} s, scoring (ref/value/reward/old logp) "
+  print(f"        generation {common.med(r['generation'][steady]):.3f} s, scoring (ref/value/reward forwards) "
         f"{common.med(r['scoring'][steady]):.3f} s, update {common.med(r['update'][steady]):.3f} s; "
         f"response tokens {r['response'][steady]}; {rate:.0f} prompt+response tokens/s", flush=True)
   return rate, cpu_rate

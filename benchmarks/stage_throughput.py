@@ -1,9 +1,10 @@
 """SFT and reward-model throughput in non-pad tokens/s against packed pretraining, on the embedded task's data
 through our loaders (data.make_lm_loader / make_sft_loader / make_comparison_loader) and the real pmapped
 trainer.train_step (lm_loss, reward_loss), GPT-2 shape D=256 L=6 H=8, the task's 512-piece BPE tokenizer,
-16 rows x L tokens per step for every stage (RM: 4 prompts x K=4 responses), and the RM again with L cut to
-its longest record (rows raised to keep rows x L). Each step includes fetching the loader's next batch, as
-train_loop does. Prints SFT/pretrain and RM/pretrain (target >= 0.8 each).
+16 rows x L tokens per step for every stage (RM: 4 elements of K=4 rows, records packed several per element as
+the loader does by default), the RM in the padded layout (pack=False: one record per element, response k in row
+k) and padded with L cut to its longest record (rows raised to keep rows x L). Each step includes fetching the
+loader's next batch, as train_loop does. Prints SFT/pretrain and RM/pretrain (target >= 0.8 each).
 
 Command: .venv-bench/bin/python -m benchmarks.stage_throughput [--seq 128] [--reps 5]
 """
@@ -82,14 +83,15 @@ def main():
       "pretrain (packed)": (lm_fn, params, data.make_lm_loader(paths["corpus"], tok, args.seq, args.rows, 0, work)),
       "SFT (packed)": (lm_fn, params, data.make_sft_loader(paths["demonstrations"], tok, args.seq, args.rows, 0,
                                                            work)),
-      "RM (K=4 rows)": (functools.partial(losses.reward_loss, cfg=cfg), stages.fresh_reward_params(
-          cfg, jax.random.PRNGKey(1), backbone=params), data.make_comparison_loader(
-              paths["comparisons"], tok, args.seq, args.rows // 4, 4, 0, work))}
+  rm = (functools.partial(losses.reward_loss, cfg=cfg), stages.fresh_reward_params(cfg, jax.random.PRNGKey(1),
+                                                                                    backbone=params))
+  comparisons = functools.partial(data.make_comparison_loader, paths["comparisons"], tok, max_responses=4, seed=0,
+                                  workdir=work)
+  loaders["RM packed"] = rm + (comparisons(seq_len=args.seq, batch_size=args.rows // 4),)
+  loaders["RM padded"] = rm + (comparisons(seq_len=args.seq, batch_size=args.rows // 4, pack=False),)
   tight = -(-longest_comparison(paths["comparisons"], tok) // 8) * 8
   prompts = max(1, args.rows * args.seq // tight // 4)
-  loaders[f"RM (K=4, L={tight})"] = (
-      loaders["RM (K=4 rows)"][0], loaders["RM (K=4 rows)"][1],
-      data.make_comparison_loader(paths["comparisons"], tok, tight, prompts, 4, 0, work))
+  loaders[f"RM padded, L={tight}"] = rm + (comparisons(seq_len=tight, batch_size=prompts, pack=False),)
   print(f"RM tight rows: longest comparison {tight} tokens -> {prompts} prompts x 4 x {tight} per step")
   fns, counts = {}, {}
   for name, (loss_fn, p, loader) in loaders.items():

@@ -94,13 +94,17 @@ def global_whiten(x_BxT, mask_BxT):
 
 def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, kl_coef, score_offset, *, models: Models,
                   ppo) -> tuple[Rollout, dict]:
-  """Per device: old log-probs, reference log-probs, values, RM scores, shaped rewards, GAE, (whitened) advantages."""
+  """Per device: reference log-probs, values, RM scores, shaped rewards, GAE, (whitened) advantages.
+
+  `samples` must come from `params.policy`: its old log-probs and entropy are the sampler's (`logprobs_BxT`,
+  `entropy_BxT`, computed while decoding; equal to a full forward's to float32 rounding), so scoring runs three
+  forwards (reference, value, reward), not four.
+  """
   T = samples.tokens_BxT.shape[1]
   seq, seg, pos = samples.sequence_BxPT, samples.sequence_mask_BxPT, samples.positions_BxPT
   mask_BxT = samples.mask_BxT.astype(jnp.float32)
   tokens_BxT = seq[:, -T:]
-  logits_BxTxV, _ = response_logits(params.policy, models.policy, seq, seg, pos, T)
-  logp_BxT = rl.token_logprobs(logits_BxTxV, tokens_BxT) * mask_BxT
+  logp_BxT = samples.logprobs_BxT.astype(jnp.float32) * mask_BxT
   ref_logits_BxTxV, _ = response_logits(frozen.ref, models.policy, seq, seg, pos, T)
   ref_logp_BxT = rl.token_logprobs(ref_logits_BxTxV, tokens_BxT) * mask_BxT
   values_BxT = values_of(params.value, models.value, seq, seg, pos, T) * mask_BxT
@@ -116,7 +120,7 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
   res_BxT = (ret_BxT - values_BxT) * mask_BxT
   sums = {"score": (jnp.sum(score_B), B), "score_sq": (jnp.sum(score_B ** 2), B),
           "kl": (jnp.sum(kl_BxT), B), "kl_k1": (jnp.sum(logp_BxT - ref_logp_BxT), B),
-          "entropy": (jnp.sum(rl.entropy_from_logits(logits_BxTxV) * mask_BxT), n),
+          "entropy": (jnp.sum(samples.entropy_BxT * mask_BxT), n),
           "response_length": (jnp.sum(samples.lengths_B), B),
           "ended_with_eos": (jnp.sum(samples.ended_with_eos_B), B),
           "ret": (jnp.sum(ret_BxT), n), "ret_sq": (jnp.sum(ret_BxT ** 2), n),
