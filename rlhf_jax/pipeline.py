@@ -28,6 +28,14 @@ def _stage(steps: int, lr: float, batch_size: int, seq_len: int, warmup: int = 2
       "train": {"num_steps": steps, "log_every": 25, "eval_every": 0, "checkpoint_every": steps}})
 
 
+ORACLE_SCALE = 4.0  # oracle reward = ORACLE_SCALE x score in [0, 1]: a spread like the RM's scores
+
+
+def oracle_reward(prompts: list[str], responses: list[str]) -> np.ndarray:
+  """PPO reward from the task oracle itself (`rl_reward="oracle"`): ORACLE_SCALE x oracle score per response."""
+  return ORACLE_SCALE * np.array([tasks.oracle_score(p, r) for p, r in zip(prompts, responses)], np.float32)
+
+
 def config() -> ml_collections.ConfigDict:
   """The pipeline's config: task, model/tokenizer, each stage's data/opt/train, comparisons, ppo, eval."""
   cfg = ml_collections.ConfigDict()
@@ -59,6 +67,8 @@ def config() -> ml_collections.ConfigDict:
       ptx_seq_len=64,  # packed pretraining rows for the ptx term
       ptx_batch_size=16))  # ptx rows per PPO iteration
   cfg.rl.train.log_every = 10
+  cfg.rl_reward = "rm"  # PPO's reward: the trained RM, or "oracle" (ORACLE_SCALE x the task oracle: the ceiling an RM
+  #                       could give this policy; the RM then only initialises the value network)
   cfg.ppo = ppo.ppo_config()  # the PPO knobs: --config.ppo.kl_coef=0, --config.ppo.ptx_coef=0, ...
   cfg.ppo.adaptive_kl = True  # β adapts towards kl_target (a weak RM is otherwise over-optimised)
   cfg.ppo.kl_coef = 0.1  # initial β
@@ -169,10 +179,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- PPO-ptx, logging the oracle score of each iteration's rollouts
   oracle_fn = lambda prompts, responses: {"oracle": float(np.mean(
       [tasks.oracle_score(p, r) for p, r in zip(prompts, responses)]))}
+  if cfg.rl_reward not in ("rm", "oracle"):
+    raise ValueError(f"config rl_reward={cfg.rl_reward!r}; expected 'rm' or 'oracle'")
   ppo.run(_stage_cfg(ppo.config(), ml_collections.ConfigDict(
       {**cfg.rl, "ppo": {**cfg.ppo, "reward_from": dirs["reward"]},
        "data": {**cfg.rl.data, "prompts": paths["rl_prompts"], "ptx": paths["corpus"]},
-       "train": {**cfg.rl.train, "init_from": dirs["sft"]}})), dirs["ppo"], extra_metrics=oracle_fn)
+       "train": {**cfg.rl.train, "init_from": dirs["sft"]}})), dirs["ppo"], extra_metrics=oracle_fn,
+      reward_fn=oracle_reward if cfg.rl_reward == "oracle" else None)
   # ---- held-out evaluation of every policy
   results = evaluate_all(cfg, workdir, dirs, paths)
   results["reward_heldout_accuracy"] = _last_eval(dirs["reward"], "eval_accuracy")

@@ -92,13 +92,13 @@ def global_whiten(x_BxT, mask_BxT):
   return jnp.where(mask_BxT > 0, (x_BxT - mean) * jax.lax.rsqrt(var + 1e-8), 0.0)
 
 
-def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, kl_coef, score_offset, *, models: Models,
-                  ppo) -> tuple[Rollout, dict]:
+def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, kl_coef, score_offset, score_B=None, *,
+                  models: Models, ppo) -> tuple[Rollout, dict]:
   """Per device: reference log-probs, values, RM scores, shaped rewards, GAE, (whitened) advantages.
 
   `samples` must come from `params.policy`: its old log-probs and entropy are the sampler's (`logprobs_BxT`,
   `entropy_BxT`, computed while decoding; equal to a full forward's to float32 rounding), so scoring runs three
-  forwards (reference, value, reward), not four.
+  forwards (reference, value, reward), not four. A given `score_B` (per response) replaces the RM's score.
   """
   T = samples.tokens_BxT.shape[1]
   seq, seg, pos = samples.sequence_BxPT, samples.sequence_mask_BxPT, samples.positions_BxPT
@@ -109,7 +109,8 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
   ref_logp_BxT = rl.token_logprobs(ref_logits_BxTxV, tokens_BxT) * mask_BxT
   values_BxT = values_of(params.value, models.value, seq, seg, pos, T) * mask_BxT
   last_B = seq.shape[1] - T - 1 + samples.lengths_B
-  score_B = losses.sequence_scores(frozen.reward, seq, pos, seg, last_B, cfg=models.reward) - score_offset
+  if score_B is None:  # the RM's score; a given score_B (from `run`'s reward_fn) replaces it
+    score_B = losses.sequence_scores(frozen.reward, seq, pos, seg, last_B, cfg=models.reward) - score_offset
   kl_BxT = rl.kl_estimate(logp_BxT, ref_logp_BxT, ppo.kl_estimator) * mask_BxT
   rewards_BxT = rl.shaped_rewards(score_B, kl_BxT, mask_BxT, kl_coef)
   adv_BxT, ret_BxT = rl.gae(values_BxT, rewards_BxT, mask_BxT, ppo.gamma, ppo.lam)
@@ -285,12 +286,15 @@ def _host_metrics(sums: dict) -> dict:
   return m
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[list, list], dict] | None = None
-        ) -> dict:
+def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[list, list], dict] | None = None,
+        reward_fn: Callable[[list, list], np.ndarray] | None = None) -> dict:
   """PPO-ptx from an SFT workdir (`train.init_from`) against a reward model (`ppo.reward_from`); auto-resumes.
 
   `extra_metrics(prompts, responses)`, if given, adds metrics computed on each iteration's decoded rollouts
-  (the pipeline logs the task oracle's score this way).
+  (the pipeline logs the task oracle's score this way). `reward_fn(prompts, responses) -> scores`, if given,
+  replaces the RM's score (a programmatic reward, e.g. the task oracle as the ceiling any RM could give); the
+  RM of `ppo.reward_from` is then only used to initialise the value network, and may be left out with
+  `ppo.value_init="sft"`.
   """
   from rlhf_jax import stages  # stage plumbing (loading SFT/RM workdirs, data files)
   # ---- inputs, validated before anything is written
@@ -299,12 +303,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
     raise ValueError(f"config ppo.value_init={cfg.ppo.value_init!r}; expected 'reward' or 'sft'")
   if not cfg.train.init_from:
     raise ValueError("config train.init_from is empty: give the SFT workdir (policy and reference)")
-  if not cfg.ppo.reward_from:
-    raise ValueError("config ppo.reward_from is empty: give the reward-model workdir")
+  if not cfg.ppo.reward_from and (reward_fn is None or cfg.ppo.value_init == "reward"):
+    raise ValueError("config ppo.reward_from is empty: give the reward-model workdir" +
+                     (" (with a reward function it only initialises the value network: or set ppo.value_init="
+                      "'sft')" if reward_fn is not None else ""))
   prompt_files = stages.checked_files(cfg.data.prompts, "data.prompts")
   ptx_files = stages.checked_files(cfg.data.ptx, "data.ptx") if hyper.ptx_coef > 0 else None
   policy_cfg, sft_params, tok = stages.load_policy(cfg.train.init_from)
-  rm_cfg, rm_params, offset = stages.load_reward_model(cfg.ppo.reward_from)
+  rm_cfg, rm_params, offset = (stages.load_reward_model(cfg.ppo.reward_from) if cfg.ppo.reward_from
+                                else (policy_cfg, None, 0.0))
   if rm_cfg.vocab_size != policy_cfg.vocab_size:
     raise ValueError(f"reward model {cfg.ppo.reward_from!r} vocab_size={rm_cfg.vocab_size} differs from the "
                      f"policy's ({policy_cfg.vocab_size}): they must share the tokenizer")
@@ -356,7 +363,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   else:
     state = fresh()
   meta = {"stage": "ppo", "model": dataclasses.asdict(policy_cfg), "sft": cfg.train.init_from,
-          "reward": cfg.ppo.reward_from}
+          "reward": cfg.ppo.reward_from if reward_fn is None else f"reward_fn {getattr(reward_fn, '__name__', '')}"}
 
   # ---- compiled functions (pmapped over local devices)
   sampler = sampling.make_sampler(parallel.pmap, policy_cfg, max_new_tokens=cfg.ppo.max_new_tokens,
@@ -384,7 +391,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       jax.block_until_ready(samples.tokens_BxT)
       t1 = time.perf_counter()
       kl_R = parallel.replicate(np.float32(ctl.value))
-      rollout, score_sums = p_score(state_R.params, frozen_R, samples, kl_R, offset_R)
+      texts = None
+      if extra_metrics or reward_fn or (cfg.ppo.sample_every and it % cfg.ppo.sample_every == 0):
+        texts = [tok.decode(t[:n]) for t, n in zip(parallel.unshard(samples.tokens_BxT),
+                                                   parallel.unshard(samples.lengths_B))]
+      given = None
+      if reward_fn is not None:
+        given = parallel.shard_batch({"s": np.asarray(reward_fn(prompts, texts), np.float32).reshape(len(texts))},
+                                     "config ppo.rollout_batch")["s"]
+      rollout, score_sums = p_score(state_R.params, frozen_R, samples, kl_R, offset_R, given)
       ptx = parallel.shard_batch(next(ptx_loader), "config data.ptx_batch_size") if ptx_loader else None
       if it == cfg.train.nan_at_step:
         rollout = rollout.replace(advantages_BxT=rollout.advantages_BxT * np.nan)
@@ -397,10 +412,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       line = progress.update(it, float(np.sum(batch["prompt_mask"]) + m["response_length"] * len(prompts)))
       if it % cfg.train.log_every == 0 or it == cfg.train.num_steps:
         logging.info("ppo %s  score %.3f  kl %.3f  clipfrac %.3f", line, m["score"], m["kl"], m["clipfrac"])
-      texts = None
-      if extra_metrics or (cfg.ppo.sample_every and it % cfg.ppo.sample_every == 0):
-        texts = [tok.decode(t[:n]) for t, n in zip(parallel.unshard(samples.tokens_BxT),
-                                                   parallel.unshard(samples.lengths_B))]
       if extra_metrics:
         m.update(extra_metrics(prompts, texts))
       if cfg.ppo.sample_every and it % cfg.ppo.sample_every == 0:

@@ -300,3 +300,38 @@ def test_ppo_main_with_zero_lr_keeps_the_sft_policy_and_resumes(pipe, tmp_path):
   assert abs(again[2]["kl"]) < 1e-5
   assert _sample_steps(wd) == [1, 2, 3]  # samples.txt is appended to: a rerun iteration would repeat its step
   assert checkpoint.Checkpointer(wd, create=False).manager.all_steps() == [2, 3]
+
+
+def _reward_fn_cfg(pipe, workdir_steps):
+  from experiments.configs import ppo as ppo_config
+  cfg = ppo_config.get_config()
+  for key, value in {**_ppo_flags(pipe, workdir_steps), "ppo.reward_from": "", "ppo.value_init": "sft"}.items():
+    group, field = key.split(".")
+    cfg[group][field] = value
+  return cfg
+
+
+def test_reward_fn_replaces_the_reward_model(pipe, tmp_path):
+  """ppo.run(reward_fn=...) scores each rollout with the given function (no RM needed with value_init="sft"):
+  the logged score is that function's mean over the iteration's decoded responses."""
+  seen = []
+  def extra(prompts, responses):
+    seen.append([len(r) - r.count(" ") for r in responses])
+    return {}
+  reward_fn = lambda prompts, responses: np.array([len(r) - r.count(" ") for r in responses], np.float32)
+  ppo.run(_reward_fn_cfg(pipe, 2), str(tmp_path / "ppo"), extra_metrics=extra, reward_fn=reward_fn)
+  rows = metrics.read_jsonl(str(tmp_path / "ppo" / "metrics.jsonl"))
+  assert len(rows) == len(seen) == 2
+  for r, lengths in zip(rows, seen):
+    assert r["score"] == pytest.approx(np.mean(lengths), abs=1e-5), (r["score"], lengths)
+  _, extra_meta = checkpoint.load_params(str(tmp_path / "ppo"))
+  assert extra_meta["meta"]["reward"].startswith("reward_fn")
+
+
+def test_reward_fn_without_rm_needs_value_init_sft(pipe, tmp_path):
+  cfg = _reward_fn_cfg(pipe, 1)
+  cfg.ppo.value_init = "reward"
+  with pytest.raises(ValueError, match="ppo.reward_from is empty.*value_init='sft'"):
+    ppo.run(cfg, str(tmp_path / "ppo"), reward_fn=lambda p, r: np.zeros(len(r)))
+  with pytest.raises(ValueError, match="ppo.reward_from is empty: give the reward-model workdir$"):
+    ppo.run(cfg, str(tmp_path / "ppo"))
