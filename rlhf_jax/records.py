@@ -113,6 +113,14 @@ def _features(kind: str):
   return tfds.features.FeaturesDict(features)
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """DatasetInfo of local files: there is no pre-computed metadata to fetch from a bucket (TFDS 4.9's
+  `initialize_from_bucket` leaves an empty `tmp*tfds` folder in the system temp dir on every builder it constructs)."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class LocalRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """TFDS builder over validated local files: one `train` split in file order."""
   VERSION = tfds.core.Version(_FORMAT_VERSION)
@@ -127,7 +135,7 @@ class LocalRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_features(self._kind), disable_shuffling=True)
+    return _LocalInfo(builder=self, features=_features(self._kind), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}

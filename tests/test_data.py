@@ -465,3 +465,17 @@ def test_registered_tfds_dataset_by_name(tok, tmp_path):
   with pytest.raises(ValueError, match="tfds:no_such_dataset_xyz: no registered TFDS dataset"):
     data.make_lm_loader("tfds:no_such_dataset_xyz", tok, 64, 4, 0, str(tmp_path), tfds_data_dir=tfds_dir,
                         local_device_count=1)
+
+
+def test_local_records_leave_nothing_in_the_system_temp_dir(tmp_path, monkeypatch):
+  """TFDS 4.9 makes an empty `tmp*tfds` folder per builder while looking for bucket metadata; ours skips that."""
+  import tempfile
+  from rlhf_jax import records
+  system_tmp = tmp_path / "system_tmp"
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+  path = tmp_path / "a.txt"
+  path.write_text("one document\nanother document\n")
+  for _ in range(2):  # build, then reuse the prepared folder
+    assert len(records.Records([str(path)], "text", str(tmp_path / "work"))) == 2
+  assert os.listdir(system_tmp) == []
