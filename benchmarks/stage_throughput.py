@@ -82,7 +82,7 @@ def main():
   loaders = {
       "pretrain (packed)": (lm_fn, params, data.make_lm_loader(paths["corpus"], tok, args.seq, args.rows, 0, work)),
       "SFT (packed)": (lm_fn, params, data.make_sft_loader(paths["demonstrations"], tok, args.seq, args.rows, 0,
-                                                           work)),
+                                                           work))}
   rm = (functools.partial(losses.reward_loss, cfg=cfg), stages.fresh_reward_params(cfg, jax.random.PRNGKey(1),
                                                                                     backbone=params))
   comparisons = functools.partial(data.make_comparison_loader, paths["comparisons"], tok, max_responses=4, seed=0,
