@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rlhf_jax import rl
 from rlhf_jax.model import Transformer, TransformerConfig, init_cache
 
 
@@ -113,8 +112,10 @@ def _choose(logits_BxV, key, temperature, opts: _Options):
     filtered_BxV = filter_logits(logits_BxV, temperature, opts.top_k, opts.top_p)
     token_B = inverse_cdf_sample(key, filtered_BxV)
     sampling_logp_B = _gather(jax.nn.log_softmax(filtered_BxV, axis=-1), token_B)
-  return (token_B.astype(jnp.int32), _gather(jax.nn.log_softmax(logits_BxV, axis=-1), token_B),
-          rl.entropy_from_logits(logits_BxV), sampling_logp_B)
+  logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+  p_BxV = jnp.exp(logp_BxV)  # entropy from the same log-softmax (rl.entropy_from_logits would redo it: +0.3 ms)
+  entropy_B = -jnp.sum(p_BxV * jnp.where(p_BxV > 0, logp_BxV, 0.0), axis=-1)
+  return token_B.astype(jnp.int32), _gather(logp_BxV, token_B), entropy_B, sampling_logp_B
 
 
 def _gather(x_BxV, index_B):
