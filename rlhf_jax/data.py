@@ -18,10 +18,11 @@ hosts; each host tokenizes all records). Documents are tokenized, framed as [bos
 (inputs, targets), cut into chunks of at most L and packed into rows: pretraining text fills every row (a
 chunk is cut at the row's end and continues in the next row as a new segment); SFT examples are never cut
 (next-fit); comparison records are never split either: an element of Kmax rows takes whole records next-fit,
-their sequences first-fit in its rows (each scored at its last token; pairs only within a record). `get_state()` ({epoch, position, chunk, offset, records}) names the next token to place;
-`set_state` resumes the exact stream. Eval loaders
-(`train=False`) make one unshuffled pass; every host builds the same global batches and takes its slice,
-so all hosts yield the same number of batches; the last is padded with empty rows (all masks zero).
+their sequences first-fit in its rows (each scored at its last token; pairs only within a record).
+`get_state()` ({epoch, position, chunk, offset, records}) names the next token to place; `set_state` resumes
+the exact stream. Eval loaders (`train=False`) make one unshuffled pass; every host builds the same global
+batches and takes its slice, so all hosts yield the same number of batches; the last is padded with empty rows
+(all masks zero).
 """
 from __future__ import annotations
 
