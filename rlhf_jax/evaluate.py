@@ -73,21 +73,25 @@ def kl_to_reference(params, ref_params, cfg: TransformerConfig, batches: Sequenc
 def evaluate_policy(params, cfg: TransformerConfig, tok: Tokenizer, prompts: Sequence[str], *,
                     oracle: Callable[[str, str], float], exact: Callable[[str, str], bool], prompt_len: int,
                     max_new_tokens: int, ref_params=None, reward_fn: Callable[[list, list], np.ndarray] | None = None,
-                    seed: int = 0) -> dict[str, Any]:
-  """Held-out metrics of one policy: oracle/exact at temperature 1 and greedy, mean RM score, KL to the reference."""
-  sampled, batches = generate(params, cfg, tok, prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                    seed: int = 0, samples_per_prompt: int = 1) -> dict[str, Any]:
+  """Held-out metrics of one policy: oracle/exact at temperature 1 (means over `samples_per_prompt` samples of
+  every prompt) and greedy, mean RM score and KL to the reference (on the samples)."""
+  if samples_per_prompt < 1:
+    raise ValueError(f"evaluate_policy: samples_per_prompt={samples_per_prompt} must be >= 1")
+  repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+  sampled, batches = generate(params, cfg, tok, repeated, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                               greedy=False, seed=seed)
   greedy, _ = generate(params, cfg, tok, prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                        greedy=True)
   out = {
-      "oracle_sampled": float(np.mean([oracle(p, r) for p, r in zip(prompts, sampled)])),
+      "oracle_sampled": float(np.mean([oracle(p, r) for p, r in zip(repeated, sampled)])),
       "oracle_greedy": float(np.mean([oracle(p, r) for p, r in zip(prompts, greedy)])),
-      "exact_sampled": float(np.mean([exact(p, r) for p, r in zip(prompts, sampled)])),
+      "exact_sampled": float(np.mean([exact(p, r) for p, r in zip(repeated, sampled)])),
       "exact_greedy": float(np.mean([exact(p, r) for p, r in zip(prompts, greedy)])),
   }
   if reward_fn is not None:
-    out["rm_score"] = float(np.mean(reward_fn(list(prompts), sampled)))
+    out["rm_score"] = float(np.mean(reward_fn(repeated, sampled)))
   if ref_params is not None:
     out["kl_to_sft"] = kl_to_reference(params, ref_params, cfg, batches)
-  out["examples"] = [(p, s, g) for p, s, g in zip(prompts[:6], sampled[:6], greedy[:6])]
+  out["examples"] = [(p, s, g) for p, s, g in zip(prompts[:6], sampled[::samples_per_prompt][:6], greedy[:6])]
   return out

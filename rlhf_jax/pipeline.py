@@ -79,6 +79,7 @@ def config() -> ml_collections.ConfigDict:
   cfg.ppo.sample_every = 20
   cfg.eval = ml_collections.ConfigDict(dict(
       num_prompts=200,  # held-out prompts per policy
+      samples_per_prompt=4,  # temperature-1 samples per prompt (sampled metrics, RM score, KL are their means)
       seed=0))  # sampling seed of the evaluation
   return cfg
 
@@ -206,7 +207,7 @@ def evaluate_all(cfg, workdir: str, dirs: dict, paths: dict) -> dict:
     out["stages"][stage] = evaluate.evaluate_policy(
         params, model, tok, prompts, oracle=tasks.oracle_score, exact=tasks.is_exact,
         prompt_len=cfg.rl.data.prompt_len, max_new_tokens=cfg.ppo.max_new_tokens, ref_params=sft_params,
-        reward_fn=reward_fn, seed=cfg.eval.seed)
+        reward_fn=reward_fn, seed=cfg.eval.seed, samples_per_prompt=cfg.eval.samples_per_prompt)
   return out
 
 
@@ -238,8 +239,9 @@ def write_report(workdir: str, dirs: dict, results: dict, cfg) -> str:
   table = results_table(results)
   examples = "\n".join(f"- {stage}: " + "; ".join(f"`{p}` → sampled `{s}`, greedy `{g}`" for p, s, g in
                                                  m["examples"][:3]) for stage, m in results["stages"].items())
-  report = (f"# InstructGPT pipeline on the embedded task\n\nHeld-out prompts: {cfg.eval.num_prompts}; "
-            f"wall time {results['minutes']:.1f} min.\n\n{table}\n\n## Examples\n{examples}\n\n## Curves\n" +
+  report = (f"# InstructGPT pipeline on the embedded task\n\nHeld-out prompts: {cfg.eval.num_prompts} "
+            f"({cfg.eval.samples_per_prompt} samples each at temperature 1); wall time {results['minutes']:.1f} min."
+            f"\n\n{table}\n\n## Examples\n{examples}\n\n## Curves\n" +
             "\n".join(f"![{s}]({p})" for s, p in plots.items()) + "\n")
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:

@@ -92,6 +92,16 @@ def global_whiten(x_BxT, mask_BxT):
   return jnp.where(mask_BxT > 0, (x_BxT - mean) * jax.lax.rsqrt(var + 1e-8), 0.0)
 
 
+def group_baselined(score_B, G: int):
+  """Each score minus the mean of the other G - 1 scores of its group (rows g·G .. g·G + G - 1: the same prompt).
+
+  A Bradley–Terry RM is trained on within-prompt differences only, so its per-prompt level is arbitrary; the
+  leave-one-out baseline (RLOO) removes it before PPO sees it.
+  """
+  score_NxG = score_B.reshape(-1, G)
+  return (score_NxG - (jnp.sum(score_NxG, axis=1, keepdims=True) - score_NxG) / (G - 1)).reshape(-1)
+
+
 def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, kl_coef, score_offset, score_B=None, *,
                   models: Models, ppo) -> tuple[Rollout, dict]:
   """Per device: reference log-probs, values, RM scores, shaped rewards, GAE, (whitened) advantages.
@@ -112,8 +122,12 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
   if score_B is None:  # the RM's score; a given score_B (from `run`'s reward_fn) replaces it
     score_B = losses.sequence_scores(frozen.reward, seq, pos, seg, last_B, cfg=models.reward) - score_offset
   kl_BxT = rl.kl_estimate(logp_BxT, ref_logp_BxT, ppo.kl_estimator) * mask_BxT
-  rewards_BxT = rl.shaped_rewards(score_B, kl_BxT, mask_BxT, kl_coef)
-  adv_BxT, ret_BxT = rl.gae(values_BxT, rewards_BxT, mask_BxT, ppo.gamma, ppo.lam)
+  reward_B = group_baselined(score_B, ppo.group_size) if ppo.group_size > 1 else score_B
+  rewards_BxT = rl.shaped_rewards(reward_B, kl_BxT, mask_BxT, kl_coef)
+  if ppo.group_size > 1:  # RLOO: the group is the baseline, no critic; advantage = reward-to-go
+    adv_BxT, ret_BxT = rl.gae(jnp.zeros_like(values_BxT), rewards_BxT, mask_BxT, ppo.gamma, 1.0)
+  else:
+    adv_BxT, ret_BxT = rl.gae(values_BxT, rewards_BxT, mask_BxT, ppo.gamma, ppo.lam)
   if ppo.whiten_advantages:
     adv_BxT = global_whiten(adv_BxT, mask_BxT)
   rollout = Rollout(seq, seg, pos, mask_BxT, logp_BxT, values_BxT, adv_BxT, ret_BxT)
@@ -209,12 +223,13 @@ class Hyper:
   whiten_advantages: bool
   ppo_epochs: int
   minibatches: int
+  group_size: int = 1
 
   @classmethod
   def from_config(cls, ppo) -> "Hyper":
     if ppo.kl_estimator not in rl.KL_ESTIMATORS:
       raise ValueError(f"config ppo.kl_estimator={ppo.kl_estimator!r}; expected one of {rl.KL_ESTIMATORS}")
-    for field in ("ppo_epochs", "minibatches"):
+    for field in ("ppo_epochs", "minibatches", "group_size"):
       if ppo[field] < 1:
         raise ValueError(f"config ppo.{field}={ppo[field]} must be >= 1")
     return cls(**{f.name: ppo[f.name] for f in dataclasses.fields(cls)})
@@ -239,7 +254,8 @@ def ppo_config() -> ml_collections.ConfigDict:
   p.whiten_advantages = True  # normalise advantages over the rollout batch
   p.ppo_epochs = 2  # passes over each rollout batch
   p.minibatches = 2  # minibatches per epoch (per device rows must divide)
-  p.rollout_batch = 32  # prompts per iteration (global; divisible by devices × minibatches)
+  p.rollout_batch = 32  # responses per iteration (global; divisible by devices × minibatches)
+  p.group_size = 1  # responses per prompt; > 1: RLOO (score minus its group's leave-one-out mean, no critic in GAE)
   p.temperature = 1.0  # rollout sampling temperature
   p.top_k = 0  # rollout top-k (0 = off)
   p.top_p = 1.0  # rollout nucleus (1 = off)
@@ -325,8 +341,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
     raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per device, not "
                      f"divisible by ppo.minibatches={hyper.minibatches}")
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  prompt_loader = data.make_prompt_loader(prompt_files, tok, cfg.data.prompt_len, cfg.ppo.rollout_batch,
-                                          cfg.data.seed, workdir, truncate_prompt=cfg.data.truncate, **hosts)
+  if rows % hyper.group_size:
+    raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per device, not "
+                     f"divisible by ppo.group_size={hyper.group_size} (a prompt's responses share a device)")
+  prompt_loader = data.make_prompt_loader(prompt_files, tok, cfg.data.prompt_len,
+                                          cfg.ppo.rollout_batch // hyper.group_size,
+                                          cfg.data.seed, workdir, truncate_prompt=cfg.data.truncate,
+                                          batch_field="ppo.rollout_batch / ppo.group_size", **hosts)
   ptx_loader = None
   if ptx_files:
     ptx_loader = data.make_lm_loader(ptx_files, tok, cfg.data.ptx_seq_len, cfg.data.ptx_batch_size, cfg.data.seed,
@@ -383,7 +404,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   try:
     for it in range(start + 1, cfg.train.num_steps + 1):
       batch = next(prompt_loader)
-      prompts = batch.pop("prompts")
+      prompts = [p for p in batch.pop("prompts") for _ in range(hyper.group_size)]
+      batch = {k: np.repeat(v, hyper.group_size, axis=0) for k, v in batch.items()}
       t0 = time.perf_counter()
       rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed + 1), it), n_dev)
       sharded = parallel.shard_batch(batch, "config ppo.rollout_batch")

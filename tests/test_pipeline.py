@@ -2,10 +2,11 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments.configs import pipeline as pipeline_config
-from rlhf_jax import pipeline
+from rlhf_jax import evaluate, pipeline, stages
 
 
 def _tiny_config():
@@ -56,6 +57,20 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, capsys):
     assert png in report
   ppo_rows = [json.loads(line) for line in open(os.path.join(workdir, "ppo", "metrics.jsonl"))]
   assert len(ppo_rows) == 2 and all("oracle" in r and "kl" in r and "score" in r for r in ppo_rows)
+
+  # sampled metrics are means over eval.samples_per_prompt samples of every prompt
+  model, params, tok = stages.load_policy(os.path.join(workdir, "sft"))
+  prompts = ["add: 12+30 =", "sort: 3 1 2 ="]
+  calls = []
+  oracle = lambda p, r: calls.append((p, r)) or float(len(r) % 3)
+  m = evaluate.evaluate_policy(params, model, tok, prompts, oracle=oracle, exact=lambda p, r: False, prompt_len=24,
+                               max_new_tokens=8, samples_per_prompt=3)
+  sampled = calls[:6]
+  assert [p for p, _ in sampled] == [prompts[0]] * 3 + [prompts[1]] * 3 and len(calls) == 8  # + 2 greedy
+  assert m["oracle_sampled"] == pytest.approx(np.mean([len(r) % 3 for _, r in sampled]))
+  with pytest.raises(ValueError, match="samples_per_prompt=0"):
+    evaluate.evaluate_policy(params, model, tok, prompts, oracle=oracle, exact=oracle, prompt_len=24,
+                             max_new_tokens=8, samples_per_prompt=0)
 
   before = _snapshot(workdir)
   again = pipeline.run(_tiny_config(), workdir)

@@ -335,3 +335,27 @@ def test_reward_fn_without_rm_needs_value_init_sft(pipe, tmp_path):
     ppo.run(cfg, str(tmp_path / "ppo"), reward_fn=lambda p, r: np.zeros(len(r)))
   with pytest.raises(ValueError, match="ppo.reward_from is empty: give the reward-model workdir$"):
     ppo.run(cfg, str(tmp_path / "ppo"))
+
+
+def test_group_baselined_subtracts_the_leave_one_out_mean_of_each_group():
+  score = np.array([1.0, 2.0, 6.0, 10.0, 10.0, 13.0], np.float32)
+  want = [s - (sum(g) - s) / 2 for g in (score[:3], score[3:]) for s in g]  # groups of 3
+  np.testing.assert_allclose(ppo.group_baselined(jnp.asarray(score), 3), want, rtol=1e-6)
+  shifted = score + np.repeat([5.0, -7.0], 3)  # a per-prompt offset (invisible to a Bradley–Terry RM) cancels
+  np.testing.assert_allclose(ppo.group_baselined(jnp.asarray(shifted), 3), want, rtol=1e-6)
+
+
+def test_group_size_samples_each_prompt_group_size_times(pipe, tmp_path):
+  seen = []
+  cfg = _reward_fn_cfg(pipe, 1)
+  cfg.ppo.group_size = 2
+  ppo.run(cfg, str(tmp_path / "ppo"), extra_metrics=lambda p, r: seen.append(p) or {},
+          reward_fn=lambda p, r: np.arange(len(r), dtype=np.float32))
+  (prompts,) = seen
+  assert len(prompts) == cfg.ppo.rollout_batch and prompts[0::2] == prompts[1::2]
+  assert len(set(prompts)) > 1
+  row = metrics.read_jsonl(str(tmp_path / "ppo" / "metrics.jsonl"))[0]
+  assert row["score"] == pytest.approx(np.mean(np.arange(len(prompts))))  # logged: the raw score
+  cfg.ppo.group_size = 3
+  with pytest.raises(ValueError, match="not divisible by ppo.group_size=3"):
+    ppo.run(cfg, str(tmp_path / "ppo3"), reward_fn=lambda p, r: np.zeros(len(r)))
