@@ -5,6 +5,9 @@ Per token t of a response: r_t = −β·kl_t (+ RM score on the last token), kl_
 configured estimator (k1 = log π − log π_SFT by default). GAE(γ_rl, λ) on the value network's V_t; advantages
 optionally whitened over the whole rollout batch (all devices). The update scans epochs × minibatches in one jit:
 L = L_clip(ρ, A, ε) + c_vf·L_V(ε_vf) − γ·(1/N_ptx)·Σ log π(x_ptx), gradients pmean'ed over devices.
+With `ppo.group_size` G > 1 every prompt is sampled G times and the advantage is RLOO's instead of GAE's: the RM
+score minus the mean of the other G − 1 scores of its prompt (a Bradley–Terry RM's per-prompt level is arbitrary),
+then the reward-to-go of the KL-shaped rewards, no critic. `run(reward_fn=...)` replaces the RM by a function.
 
 Networks (InstructGPT's four): policy and value trained (`Trainable`), reference and reward model frozen
 (`Frozen`). The value network is a Transformer + ScalarHead, initialised from the RM or from SFT + a new head.

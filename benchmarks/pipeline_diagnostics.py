@@ -1,0 +1,95 @@
+"""Why PPO does (not) beat SFT on the embedded task: what each policy can do, and what the RM can tell apart.
+
+  python -m benchmarks.pipeline_diagnostics --workdir=/tmp/s2/final [--policies=/tmp/other/ppo,...]
+
+Prints, on the held-out prompts of a finished pipeline workdir (runs in the library's own venv, no peers):
+1. per task family, the SFT policy's oracle score greedy and sampled (`--samples` per prompt, temperature 1), and
+   the best of those samples picked by the oracle (the headroom re-weighting SFT's own samples could give) and by
+   the RM (what the RM can select: best-of-n with the RM);
+2. per policy (`workdir/sft`, `workdir/ppo` and `--policies`), the sampled / greedy oracle score and KL to SFT,
+   each sampled figure a mean over `--samples` samples of every prompt (one sample of 200 prompts has a
+   standard error of ~3 points).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import functools
+import itertools
+import tempfile
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from rlhf_jax import data, evaluate, losses, stages, tasks
+
+WORKDIR = flags.DEFINE_string("workdir", None, "finished pipeline workdir", required=True)
+POLICIES = flags.DEFINE_list("policies", [], "more policy workdirs (pretrain/SFT/PPO) to evaluate")
+SAMPLES = flags.DEFINE_integer("samples", 8, "temperature-1 samples per held-out prompt")
+PROMPT_LEN, NEW_TOKENS, RM_SEQ_LEN = 24, 16, 48  # the pipeline's defaults
+
+
+def family_table(wd: str, prompts: list[str], n: int) -> list[str]:
+  """Per family: greedy, sampled mean, oracle-best-of-n and RM-best-of-n oracle scores of the SFT policy."""
+  model, params, tok = stages.load_policy(os.path.join(wd, "sft"))
+  rm_cfg, rm_params, _ = stages.load_reward_model(os.path.join(wd, "reward"))
+  greedy, _ = evaluate.generate(params, model, tok, prompts, prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS,
+                                greedy=True)
+  samples = [evaluate.generate(params, model, tok, prompts, prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS,
+                               greedy=False, seed=100 + s)[0] for s in range(n)]
+  oracle_PxN = np.array([[tasks.oracle_score(p, s[i]) for s in samples] for i, p in enumerate(prompts)])
+  rm_PxN = np.stack([stages.score_texts(rm_params, rm_cfg, tok, prompts, s, RM_SEQ_LEN) for s in samples], 1)
+  rows = {"greedy": np.array([tasks.oracle_score(p, g) for p, g in zip(prompts, greedy)]),
+          "sampled": oracle_PxN.mean(1), f"oracle-best-of-{n}": oracle_PxN.max(1),
+          f"RM-best-of-{n}": oracle_PxN[np.arange(len(prompts)), rm_PxN.argmax(1)]}
+  families = np.array([tasks.parse_prompt(p)[0].name for p in prompts])
+  out = ["| SFT, family | prompts | " + " | ".join(rows) + " |", "|---" * (len(rows) + 2) + "|"]
+  for fam in sorted(set(families)) + ["all"]:
+    sel = families == fam if fam != "all" else np.ones(len(prompts), bool)
+    out.append(f"| {fam} | {int(sel.sum())} | " + " | ".join(f"{v[sel].mean():.3f}" for v in rows.values()) + " |")
+  return out
+
+
+def corpus_loss(params, model, tok, corpus: str, batches: int = 20) -> float:
+  """Next-token loss per token on the first `batches` packed 32 x 64 rows of the pretraining corpus."""
+  with tempfile.TemporaryDirectory() as tmp:
+    loader = data.make_lm_loader([corpus], tok, 64, 32, 0, tmp, train=False, local_device_count=1)
+    loss = jax.jit(functools.partial(losses.lm_loss, cfg=model))
+    total = count = 0.0
+    for batch in itertools.islice(iter(loader), batches):
+      _, aux = loss(params, batch, None)
+      total, count = total + float(aux["loss"][0]), count + float(aux["loss"][1])
+  return total / count
+
+
+def policy_table(wd: str, policies: list[str], prompts: list[str], n: int) -> list[str]:
+  """Sampled (mean over n samples per prompt) and greedy oracle score, exact match, KL to SFT, corpus loss."""
+  _, sft_params, tok = stages.load_policy(os.path.join(wd, "sft"))
+  out = ["| policy | oracle_sampled | exact_sampled | oracle_greedy | kl_to_sft | corpus_loss |",
+         "|---|---|---|---|---|---|"]
+  for d in policies:
+    model, params, _ = stages.load_policy(d)
+    m = evaluate.evaluate_policy(params, model, tok, prompts, oracle=tasks.oracle_score, exact=tasks.is_exact,
+                                 prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS, ref_params=sft_params,
+                                 samples_per_prompt=n, seed=3)
+    lm = corpus_loss(params, model, tok, os.path.join(wd, "data", "corpus.txt"))
+    out.append(f"| {d} | {m['oracle_sampled']:.3f} | {m['exact_sampled']:.3f} | {m['oracle_greedy']:.3f} | "
+               f"{m['kl_to_sft']:.2f} | {lm:.2f} |")
+    print(out[-1], flush=True)
+  return out
+
+
+def main(argv):
+  del argv
+  wd = WORKDIR.value
+  with open(os.path.join(wd, "data", "heldout_prompts.jsonl")) as f:
+    prompts = [json.loads(line)["prompt"] for line in f]
+  print("\n".join(family_table(wd, prompts, SAMPLES.value)), flush=True)
+  policies = [os.path.join(wd, s) for s in ("pretrain", "sft", "ppo")] + POLICIES.value
+  policy_table(wd, policies, prompts, SAMPLES.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
