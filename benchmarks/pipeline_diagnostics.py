@@ -5,7 +5,7 @@
 Prints, on the held-out prompts of a finished pipeline workdir (runs in the library's own venv, no peers):
 1. per task family, the SFT policy's oracle score greedy and sampled (`--samples` per prompt, temperature 1), and
    the best of those samples picked by the oracle (the headroom re-weighting SFT's own samples could give) and by
-   the RM (what the RM can select: best-of-n with the RM);
+   the RM (what the RM can select: best-of-n with the RM), and by SFT's own log-likelihood (no comparisons at all);
 2. per policy (`workdir/sft`, `workdir/ppo` and `--policies`), the sampled / greedy oracle score and KL to SFT,
    each sampled figure a mean over `--samples` samples of every prompt (one sample of 200 prompts has a
    standard error of ~3 points).
@@ -21,7 +21,7 @@ import tempfile
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from rlhf_jax import data, evaluate, losses, stages, tasks
 
@@ -37,13 +37,17 @@ def family_table(wd: str, prompts: list[str], n: int) -> list[str]:
   rm_cfg, rm_params, _ = stages.load_reward_model(os.path.join(wd, "reward"))
   greedy, _ = evaluate.generate(params, model, tok, prompts, prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS,
                                 greedy=True)
-  samples = [evaluate.generate(params, model, tok, prompts, prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS,
-                               greedy=False, seed=100 + s)[0] for s in range(n)]
+  runs = [evaluate.generate(params, model, tok, prompts, prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS,
+                            greedy=False, seed=100 + s) for s in range(n)]
+  samples = [texts for texts, _ in runs]
+  logp_PxN = np.stack([np.concatenate([np.sum(np.asarray(b.logprobs_BxT) * np.asarray(b.mask_BxT), 1) for b in bs])
+                       for _, bs in runs], 1)  # log π_SFT(y|x) of each sample
   oracle_PxN = np.array([[tasks.oracle_score(p, s[i]) for s in samples] for i, p in enumerate(prompts)])
   rm_PxN = np.stack([stages.score_texts(rm_params, rm_cfg, tok, prompts, s, RM_SEQ_LEN) for s in samples], 1)
   rows = {"greedy": np.array([tasks.oracle_score(p, g) for p, g in zip(prompts, greedy)]),
           "sampled": oracle_PxN.mean(1), f"oracle-best-of-{n}": oracle_PxN.max(1),
-          f"RM-best-of-{n}": oracle_PxN[np.arange(len(prompts)), rm_PxN.argmax(1)]}
+          f"RM-best-of-{n}": oracle_PxN[np.arange(len(prompts)), rm_PxN.argmax(1)],
+          f"SFT-likelihood-best-of-{n}": oracle_PxN[np.arange(len(prompts)), logp_PxN.argmax(1)]}
   families = np.array([tasks.parse_prompt(p)[0].name for p in prompts])
   out = ["| SFT, family | prompts | " + " | ".join(rows) + " |", "|---" * (len(rows) + 2) + "|"]
   for fam in sorted(set(families)) + ["all"]:
@@ -83,6 +87,7 @@ def policy_table(wd: str, policies: list[str], prompts: list[str], n: int) -> li
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   wd = WORKDIR.value
   with open(os.path.join(wd, "data", "heldout_prompts.jsonl")) as f:
     prompts = [json.loads(line)["prompt"] for line in f]

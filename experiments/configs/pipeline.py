@@ -1,11 +1,12 @@
-"""The whole pipeline on the embedded task (`make demo`), sized to finish in about 10 minutes on 2 CPU cores.
+"""The whole pipeline on the embedded task (`make demo`), sized to finish in under 10 minutes on 2 CPU cores.
 
   python -m experiments.pipeline --config=experiments/configs/pipeline.py --workdir=workdir/demo
 
 Groups: task (rlhf_jax.tasks.TaskConfig fields), model/tokenizer (the pretrained model), pretrain/sft/reward/rl
 (each stage's data/opt/train groups, laid over that experiment's own get_config()), comparisons (SFT samples
 ranked for the RM), ppo (the PPO knobs: --config.ppo.kl_coef=0, --config.ppo.ptx_coef=0 ...), eval.
-Expected (BENCHMARKS.md): held-out sampled oracle score pretrain < SFT < PPO; RM held-out pairwise accuracy high.
+Measured (BENCHMARKS.md, 6.6 min): held-out sampled oracle score pretrain 0.001 < SFT 0.638; PPO 0.629 at KL 0.93
+(within noise of SFT); RM held-out pairwise accuracy 0.70. --config.rl_reward=oracle runs PPO on the task oracle.
 """
 import ml_collections
 
