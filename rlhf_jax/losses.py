@@ -36,13 +36,18 @@ def packed_scores(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last
 
   `params = {"backbone": transformer params, "head": ScalarHead params}`.
   """
+  return _packed_forward(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, cfg)[0]
+
+
+def _packed_forward(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, cfg):
+  """(scores_BxM, logits_BxKxLxV) of the packed sequences (see `packed_scores`)."""
   B, K, L = tokens_BxKxL.shape
   rows = lambda x: x.reshape(B * K, L)
-  _, h_NxLxD = Transformer(cfg).apply({"params": params["backbone"]}, rows(tokens_BxKxL), rows(positions_BxKxL),
-                                      rows(segment_ids_BxKxL))
+  logits_NxLxV, h_NxLxD = Transformer(cfg).apply({"params": params["backbone"]}, rows(tokens_BxKxL),
+                                                 rows(positions_BxKxL), rows(segment_ids_BxKxL))
   h_BxKLxD = h_NxLxD.reshape(B, K * L, h_NxLxD.shape[-1])
   h_BxMxD = jnp.take_along_axis(h_BxKLxD, last_idx_BxM[..., None].astype(jnp.int32), axis=1)
-  return ScalarHead(cfg).apply({"params": params["head"]}, h_BxMxD)
+  return ScalarHead(cfg).apply({"params": params["head"]}, h_BxMxD), logits_NxLxV.reshape(B, K, L, -1)
 
 
 def sequence_scores(params, tokens_NxL, positions_NxL, segment_ids_NxL, last_idx_N, *, cfg: TransformerConfig):
@@ -51,25 +56,36 @@ def sequence_scores(params, tokens_NxL, positions_NxL, segment_ids_NxL, last_idx
                        last_idx_N[:, None], cfg=cfg)[:, 0]
 
 
-def reward_loss(params, batch: dict, rng: jax.Array, *, cfg: TransformerConfig):
+def reward_loss(params, batch: dict, rng: jax.Array, *, cfg: TransformerConfig, lm_coef: float = 0.0):
   """Bradley–Terry over all C(K,2) ranked pairs of each record, the records packed: −log σ(s_w − s_l).
 
   Batch (from data.make_comparison_loader): tokens/positions/segment_ids BxKxL (K rows per element), and per
   record slot r and response k last_idx/rank/valid BxRxK. Returns the summed pair loss; aux: loss, accuracy,
-  margin per pair; score and score² per valid response.
+  margin per pair; score and score² per valid response. With lm_coef > 0 the backbone also keeps its language
+  model: + lm_coef × the next-token loss on each record's best-ranked response (`best_mask`), as a mean per token
+  rescaled to this device's pair count (so the objective is pair mean + lm_coef × token mean per device).
   """
   del rng
   B, R, K = batch["rank"].shape
-  score_BxM = packed_scores(params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                            batch["last_idx"].reshape(B, R * K), cfg=cfg)
+  score_BxM, logits_BxKxLxV = _packed_forward(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                              batch["last_idx"].reshape(B, R * K), cfg)
   valid_NxK = batch["valid"].astype(jnp.float32).reshape(B * R, K)
   score_NxK = score_BxM.reshape(B * R, K) * valid_NxK  # NaN-poisoned masks reach the loss
   loss, aux = rl.pairwise_bradley_terry(score_NxK, batch["rank"].reshape(B * R, K), valid_NxK)
   pairs = aux["num_pairs"].astype(jnp.float32)
   n = jnp.sum(valid_NxK)
-  return loss * pairs, {"loss": (loss * pairs, pairs), "accuracy": (aux["accuracy"] * pairs, pairs),
-                        "margin": (aux["margin"] * pairs, pairs), "score": (jnp.sum(score_NxK), n),
-                        "score_sq": (jnp.sum(score_NxK ** 2), n)}
+  out = {"loss": (loss * pairs, pairs), "accuracy": (aux["accuracy"] * pairs, pairs),
+         "margin": (aux["margin"] * pairs, pairs), "score": (jnp.sum(score_NxK), n),
+         "score_sq": (jnp.sum(score_NxK ** 2), n)}
+  total = loss * pairs
+  if lm_coef > 0:
+    targets_BxKxL = jnp.roll(batch["tokens"], -1, axis=-1)  # best_mask is 0 on each row's last slot
+    nll_BxKxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxKxLxV, targets_BxKxL)
+    mask_BxKxL = batch["best_mask"].astype(jnp.float32)
+    lm_sum, lm_n = jnp.sum(nll_BxKxL * mask_BxKxL), jnp.sum(mask_BxKxL)
+    total = total + lm_coef * lm_sum * pairs / jnp.maximum(lm_n, 1.0)
+    out["lm_loss"] = (lm_sum, lm_n)
+  return total, out
 
 
 bradley_terry_loss = rl.bradley_terry_loss

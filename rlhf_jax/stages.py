@@ -236,6 +236,8 @@ def reward_config() -> ml_collections.ConfigDict:
   cfg.opt = optimizer.default_config(lr=3e-4)
   cfg.opt.warmup_steps = 10
   cfg.train = trainer.train_config(num_steps=200)
+  cfg.loss = ml_collections.ConfigDict()
+  cfg.loss.lm_coef = 0.0  # + this × next-token loss on each record's best response (0: InstructGPT's RM loss)
   return cfg
 
 
@@ -257,6 +259,8 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   model = init.model
   if cfg.data.seq_len > model.max_len:
     raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={model.max_len}")
+  if cfg.loss.lm_coef < 0:
+    raise ValueError(f"config loss.lm_coef={cfg.loss.lm_coef} must be >= 0")
   make = functools.partial(data.make_comparison_loader, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
                            batch_size=cfg.data.batch_size, max_responses=cfg.data.max_responses,
                            truncate_prompt=cfg.data.truncate, workdir=workdir, **_hosts())
@@ -271,7 +275,7 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if backbone_fn is not None:
     init_fn = lambda fresh: dict(fresh, backbone=backbone_fn(fresh["backbone"]))
   state, last = trainer.train_loop(
-      workdir=workdir, train_cfg=cfg.train, loss_fn=functools.partial(losses.reward_loss, cfg=model),
+      workdir=workdir, train_cfg=cfg.train, loss_fn=functools.partial(losses.reward_loss, cfg=model, lm_coef=float(cfg.loss.lm_coef)),
       scratch_state=scratch, train_loader=train_loader, eval_batches=eval_fn, init_from_params=init_fn,
       meta={"stage": "reward", "model": dataclasses.asdict(model)}, stage="reward")
   if norm_files and jax.process_index() == 0:

@@ -479,3 +479,34 @@ def test_local_records_leave_nothing_in_the_system_temp_dir(tmp_path, monkeypatc
   for _ in range(2):  # build, then reuse the prepared folder
     assert len(records.Records([str(path)], "text", str(tmp_path / "work"))) == 2
   assert os.listdir(system_tmp) == []
+
+
+def test_reward_lm_term_is_the_next_token_loss_of_each_best_response(tok, tmp_path):
+  """reward_loss(lm_coef=c): aux lm_loss sums the next-token loss over each record's best response (+ eos), as a
+  lone forward of that sequence gives it; the total is the pair loss + c × that token mean × pairs."""
+  import jax
+  import optax
+  from rlhf_jax import losses, stages
+  from rlhf_jax.model import Transformer, TransformerConfig
+  cfg = TransformerConfig(vocab_size=512, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=2, max_len=48)
+  params = stages.fresh_reward_params(cfg, jax.random.PRNGKey(1))
+  recs = _comparison_records()
+  loader = data.make_comparison_loader(_jsonl(tmp_path / "cmp.jsonl", recs), tok, 48, 4, 4, 0, str(tmp_path),
+                                       train=False, local_device_count=1, max_records=4)
+  got_sum = got_n = 0.0
+  for b in loader:
+    plain, _ = losses.reward_loss(params, b, None, cfg=cfg)
+    total, aux = losses.reward_loss(params, b, None, cfg=cfg, lm_coef=0.5)
+    (lm_sum, lm_n), pairs = aux["lm_loss"], aux["loss"][1]
+    np.testing.assert_allclose(total, plain + 0.5 * lm_sum / lm_n * pairs, rtol=1e-5)
+    got_sum, got_n = got_sum + float(lm_sum), got_n + float(lm_n)
+  want_sum = want_n = 0.0
+  for r in recs:
+    prompt = [tok.bos_id] + tok.encode(r["prompt"])
+    seq = prompt + tok.encode(r["responses"][r["ranking"][0]]) + [tok.eos_id]
+    logits, _ = Transformer(cfg).apply({"params": params["backbone"]}, np.array([seq], np.int32))
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], np.array(seq[1:]))
+    want_sum += float(np.sum(np.asarray(nll)[len(prompt) - 1:]))
+    want_n += len(seq) - len(prompt)
+  assert got_n == want_n
+  np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5)

@@ -232,6 +232,9 @@ def _bad_case(name, pipe, tok96, d):
                                     json.dumps({"prompt": "add: 1+2 =", "responses": ["3"], "ranking": [0]})])
     cfg = _with(fixtures.reward_cfg(pipe, pipe["sft"]), **{"data.train": path})
     return lambda: stages.run_reward(cfg, wd), f"{path}:2: a comparison needs K >= 2 responses, got 1"
+  if name == "reward loss.lm_coef < 0":
+    cfg = _with(fixtures.reward_cfg(pipe, pipe["sft"]), **{"loss.lm_coef": -1.0})
+    return lambda: stages.run_reward(cfg, wd), "config loss.lm_coef=-1.0 must be >= 0"
   if name == "tokenizer vocab != model.vocab_size":
     cfg = pre(**{"tokenizer.path": pre_tok, "model.vocab_size": 400})
     return lambda: stages.run_lm(cfg, wd, "pretrain"), \
@@ -277,6 +280,7 @@ def _with(cfg, **overrides):
 
 
 BAD_INPUTS = ["missing data file", "empty data file", "malformed JSONL line", "comparison with K < 2",
+              "reward loss.lm_coef < 0",
               "tokenizer vocab != model.vocab_size", "tokenizer vocab != init_from vocab",
               "init_from a different architecture (RM workdir into SFT)", "global batch not divisible by devices",
               "data.seq_len > model.max_len", "ppo prompt_len + max_new_tokens > max_len",
