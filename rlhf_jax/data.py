@@ -110,7 +110,8 @@ def pack_comparisons(pieces: Sequence[dict], seq_len: int, max_responses: int, m
   """One element: the records' sequences placed by `place_comparisons` in max_responses rows of seq_len slots
   (segment ids 1.. per row, positions restarting), and per record slot r and response k: last_idx (the flat slot
   row · seq_len + column of the sequence's last token), rank (0 best, -1 none) and valid; best_mask marks the
-  slots whose next token is a response token (or eos) of a record's best-ranked response."""
+  slots whose next token is a response token (or eos) of a record's best-ranked response, response_idx the
+  flat index r · max_responses + k + 1 of the sequence whose response token (or eos) a slot predicts (0: none)."""
   places = place_comparisons(pieces, seq_len, max_responses, max_records, packed)
   if places is None:
     raise ValueError(f"pack_comparisons: {len(pieces)} records do not fit {max_responses} rows x {seq_len} "
@@ -119,7 +120,7 @@ def pack_comparisons(pieces: Sequence[dict], seq_len: int, max_responses: int, m
   el = {"tokens": np.full((K, seq_len), pad_id, np.int32), "segment_ids": np.zeros((K, seq_len), np.int32),
         "positions": np.zeros((K, seq_len), np.int32), "last_idx": np.zeros((R, K), np.int32),
         "rank": np.full((R, K), -1, np.int32), "valid": np.zeros((R, K), np.float32),
-        "best_mask": np.zeros((K, seq_len), np.float32)}
+        "best_mask": np.zeros((K, seq_len), np.float32), "response_idx": np.zeros((K, seq_len), np.int32)}
   at = iter(places)
   for r, piece in enumerate(pieces):
     el["rank"][r, :len(piece["rank"])] = piece["rank"]
@@ -129,8 +130,10 @@ def pack_comparisons(pieces: Sequence[dict], seq_len: int, max_responses: int, m
       el["tokens"][row, span], el["positions"][row, span] = seq, np.arange(len(seq))
       el["segment_ids"][row, span] = el["segment_ids"][row].max() + 1
       el["last_idx"][r, k], el["valid"][r, k] = row * seq_len + start + len(seq) - 1, 1.0
-      if piece["rank"][k] == 0 and "prompt_len" in piece:
-        el["best_mask"][row, start + piece["prompt_len"] - 1:start + len(seq) - 1] = 1.0
+      predicting = slice(start + piece["prompt_len"] - 1, start + len(seq) - 1)  # slots whose next token is y_t
+      el["response_idx"][row, predicting] = r * K + k + 1
+      if piece["rank"][k] == 0:
+        el["best_mask"][row, predicting] = 1.0
   return el
 
 
@@ -371,7 +374,8 @@ def make_comparison_loader(source, tokenizer: Tokenizer, seq_len: int, batch_siz
 
   pack=True: as many records as fit (next-fit, at most max_records per element, default max(1, seq_len // 16)),
   their sequences placed first-fit in the rows as segments; pack=False: one record per element, response k in
-  row k (the padded layout). Fields: tokens, segment_ids, positions, best_mask (B, Kmax, L); last_idx, rank, valid
+  row k (the padded layout). Fields: tokens, segment_ids, positions, best_mask, response_idx (B, Kmax, L);
+  last_idx, rank, valid
   (B, R, Kmax) with R = max_records (1 unpacked) and last_idx a flat slot index into the element's Kmax·L slots.
   """
   R = max(1, seq_len // 16) if max_records is None else int(max_records)

@@ -29,17 +29,20 @@ def lm_loss(params, batch: dict, rng: jax.Array, *, cfg: TransformerConfig):
   return loss_sum, {"loss": (loss_sum, count), "accuracy": (correct, count)}
 
 
-def packed_scores(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, *,
-                  cfg: TransformerConfig):
+def packed_scores(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, response_idx_BxKxL=None,
+                  *, cfg: TransformerConfig):
   """Reward-model scores of sequences packed into B elements of K rows: ScalarHead on the hidden state at each
   flat slot index row · L + column of `last_idx_BxM` -> score_BxM.
 
-  `params = {"backbone": transformer params, "head": ScalarHead params}`.
+  `params = {"backbone": transformer params, "head": ScalarHead params}`, plus `"loglik"` (a learned scalar a) for
+  an RM with the likelihood feature: score += a · Σ_t log π_backbone(y_t | x, y_<t) over the response tokens, where
+  `response_idx_BxKxL` is m + 1 at the slots that predict a response token (or eos) of sequence m, else 0.
   """
-  return _packed_forward(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, cfg)[0]
+  return _packed_forward(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, response_idx_BxKxL,
+                         cfg)[0]
 
 
-def _packed_forward(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, cfg):
+def _packed_forward(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, response_idx_BxKxL, cfg):
   """(scores_BxM, logits_BxKxLxV) of the packed sequences (see `packed_scores`)."""
   B, K, L = tokens_BxKxL.shape
   rows = lambda x: x.reshape(B * K, L)
@@ -47,13 +50,26 @@ def _packed_forward(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, la
                                                  rows(positions_BxKxL), rows(segment_ids_BxKxL))
   h_BxKLxD = h_NxLxD.reshape(B, K * L, h_NxLxD.shape[-1])
   h_BxMxD = jnp.take_along_axis(h_BxKLxD, last_idx_BxM[..., None].astype(jnp.int32), axis=1)
-  return ScalarHead(cfg).apply({"params": params["head"]}, h_BxMxD), logits_NxLxV.reshape(B, K, L, -1)
+  score_BxM = ScalarHead(cfg).apply({"params": params["head"]}, h_BxMxD)
+  logits_BxKxLxV = logits_NxLxV.reshape(B, K, L, -1)
+  if "loglik" in params:
+    if response_idx_BxKxL is None:
+      raise ValueError("this reward model scores with its likelihood feature: give response_idx_BxKxL")
+    M = last_idx_BxM.shape[1]
+    logp_BxKxL = rl.token_logprobs(logits_BxKxLxV, jnp.roll(tokens_BxKxL, -1, axis=-1))
+    onehot_BxKxLxM = jax.nn.one_hot(response_idx_BxKxL - 1, M, dtype=jnp.float32)  # index 0 (-1): no sequence
+    loglik_BxM = jnp.einsum("bkl,bklm->bm", logp_BxKxL, onehot_BxKxLxM)
+    score_BxM = score_BxM + params["loglik"] * loglik_BxM
+  return score_BxM, logits_BxKxLxV
 
 
-def sequence_scores(params, tokens_NxL, positions_NxL, segment_ids_NxL, last_idx_N, *, cfg: TransformerConfig):
-  """Reward-model scores: ScalarHead on the hidden state of each row's last non-pad token -> score_N."""
+def sequence_scores(params, tokens_NxL, positions_NxL, segment_ids_NxL, last_idx_N, response_mask_NxL=None, *,
+                    cfg: TransformerConfig):
+  """Reward-model scores: ScalarHead on the hidden state of each row's last non-pad token -> score_N;
+  `response_mask_NxL` (1 at the slots predicting a response token) feeds the likelihood feature if the RM has one."""
+  idx = None if response_mask_NxL is None else response_mask_NxL.astype(jnp.int32)[:, None]
   return packed_scores(params, tokens_NxL[:, None], positions_NxL[:, None], segment_ids_NxL[:, None],
-                       last_idx_N[:, None], cfg=cfg)[:, 0]
+                       last_idx_N[:, None], idx, cfg=cfg)[:, 0]
 
 
 def reward_loss(params, batch: dict, rng: jax.Array, *, cfg: TransformerConfig, lm_coef: float = 0.0):
@@ -68,7 +84,7 @@ def reward_loss(params, batch: dict, rng: jax.Array, *, cfg: TransformerConfig, 
   del rng
   B, R, K = batch["rank"].shape
   score_BxM, logits_BxKxLxV = _packed_forward(params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                              batch["last_idx"].reshape(B, R * K), cfg)
+                                              batch["last_idx"].reshape(B, R * K), batch.get("response_idx"), cfg)
   valid_NxK = batch["valid"].astype(jnp.float32).reshape(B * R, K)
   score_NxK = score_BxM.reshape(B * R, K) * valid_NxK  # NaN-poisoned masks reach the loss
   loss, aux = rl.pairwise_bradley_terry(score_NxK, batch["rank"].reshape(B * R, K), valid_NxK)

@@ -123,7 +123,10 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
   values_BxT = values_of(params.value, models.value, seq, seg, pos, T) * mask_BxT
   last_B = seq.shape[1] - T - 1 + samples.lengths_B
   if score_B is None:  # the RM's score; a given score_B (from `run`'s reward_fn) replaces it
-    score_B = losses.sequence_scores(frozen.reward, seq, pos, seg, last_B, cfg=models.reward) - score_offset
+    B, P = seq.shape[0], seq.shape[1] - T  # slots P - 1 .. P + T - 2 predict the response tokens
+    predicting_BxS = jnp.concatenate([jnp.zeros((B, P - 1)), mask_BxT, jnp.zeros((B, 1))], axis=1)
+    score_B = losses.sequence_scores(frozen.reward, seq, pos, seg, last_B, predicting_BxS,
+                                     cfg=models.reward) - score_offset
   kl_BxT = rl.kl_estimate(logp_BxT, ref_logp_BxT, ppo.kl_estimator) * mask_BxT
   reward_B = group_baselined(score_B, ppo.group_size) if ppo.group_size > 1 else score_B
   rewards_BxT = rl.shaped_rewards(reward_B, kl_BxT, mask_BxT, kl_coef)

@@ -238,16 +238,19 @@ def reward_config() -> ml_collections.ConfigDict:
   cfg.train = trainer.train_config(num_steps=200)
   cfg.loss = ml_collections.ConfigDict()
   cfg.loss.lm_coef = 0.0  # + this × next-token loss on each record's best response (0: InstructGPT's RM loss)
+  cfg.loss.loglik_feature = False  # score += a · log π_backbone(response | prompt), a learned (from 0)
   return cfg
 
 
-def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None) -> dict:
-  """{"backbone", "head"}: the given (or random) Transformer params plus a new ScalarHead."""
+def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None, loglik: bool = False) -> dict:
+  """{"backbone", "head"}: the given (or random) Transformer params plus a new ScalarHead (+ "loglik": the
+  likelihood feature's weight, 0, when `loglik`; see `losses.packed_scores`)."""
   import jax.numpy as jnp
   from rlhf_jax.model import ScalarHead
   k1, k2 = jax.random.split(rng)
   head = ScalarHead(model).init(k2, jnp.zeros((1, 1, model.d_model), jnp.float32))["params"]
-  return {"backbone": backbone if backbone is not None else init_params(model, k1), "head": head}
+  params = {"backbone": backbone if backbone is not None else init_params(model, k1), "head": head}
+  return {**params, "loglik": jnp.zeros((), jnp.float32)} if loglik else params
 
 
 def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -268,7 +271,8 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
   install_tokenizer(init.tokenizer, workdir)
   tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
-  scratch = lambda: trainer.create_state(fresh_reward_params(model, jax.random.PRNGKey(cfg.train.seed)), tx,
+  scratch = lambda: trainer.create_state(fresh_reward_params(model, jax.random.PRNGKey(cfg.train.seed),
+                                                             loglik=bool(cfg.loss.loglik_feature)), tx,
                                          cfg.train.seed)
   backbone_fn = checked_params_fn(init, cfg.train.init_from)
   init_fn = None
@@ -297,8 +301,10 @@ def score_texts(reward_params, model: TransformerConfig, tok: Tokenizer, prompts
                                                                    responses[lo:lo + batch_size]))]
     pad = batch_size - len(rows)  # static shapes: one compilation
     rows += [rows[0]] * pad
-    b = {k: np.stack([r[k] for r in rows]) for k in ("tokens", "positions", "segment_ids", "last_idx")}
-    s = _packed_scores(reward_params, b["tokens"], b["positions"], b["segment_ids"], b["last_idx"][:, 0], cfg=model)
+    b = {k: np.stack([r[k] for r in rows]) for k in ("tokens", "positions", "segment_ids", "last_idx",
+                                                     "response_idx")}
+    s = _packed_scores(reward_params, b["tokens"], b["positions"], b["segment_ids"], b["last_idx"][:, 0],
+                       b["response_idx"], cfg=model)
     out.append(np.asarray(s)[:len(rows) - pad, 0])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
 

@@ -510,3 +510,44 @@ def test_reward_lm_term_is_the_next_token_loss_of_each_best_response(tok, tmp_pa
     want_n += len(seq) - len(prompt)
   assert got_n == want_n
   np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5)
+
+
+def test_rm_likelihood_feature_packed_and_ppo_layouts_match_lone_forwards(tok, tmp_path):
+  """An RM with "loglik" scores head(h_last) + a · Σ log π_backbone(response + eos | prompt), the same packed
+  (training, score_texts) and in PPO's left-padded prompt | response layout (sequence_scores + response mask)."""
+  import jax
+  import optax
+  from rlhf_jax import losses, stages
+  from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig
+  cfg = TransformerConfig(vocab_size=512, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=2, max_len=64)
+  params = {**stages.fresh_reward_params(cfg, jax.random.PRNGKey(2), loglik=True), "loglik": np.float32(0.7)}
+  recs = _comparison_records()
+  want = {}
+  for r in recs:
+    for x in r["responses"]:
+      prompt = [tok.bos_id] + tok.encode(r["prompt"])
+      seq = prompt + tok.encode(x) + [tok.eos_id]
+      logits, h = Transformer(cfg).apply({"params": params["backbone"]}, np.array([seq], np.int32))
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], np.array(seq[1:]))
+      head = ScalarHead(cfg).apply({"params": params["head"]}, h[:, -1:])[0, 0]
+      want[(r["prompt"], x)] = float(head) - 0.7 * float(np.sum(np.asarray(nll)[len(prompt) - 1:]))
+  prompts = [r["prompt"] for r in recs for _ in r["responses"]]
+  responses = [x for r in recs for x in r["responses"]]
+  got = stages.score_texts(params, cfg, tok, prompts, responses, 48, batch_size=8)
+  np.testing.assert_allclose(got, [want[k] for k in zip(prompts, responses)], rtol=1e-4, atol=1e-4)
+  # PPO's layout: prompt left-padded to P slots, response in the last T slots
+  pairs = [([tok.bos_id] + tok.encode(p), tok.encode(x) + [tok.eos_id]) for p, x in zip(prompts, responses)]
+  P, T = max(len(pr) for pr, _ in pairs) + 2, max(len(resp) for _, resp in pairs) + 2
+  rows, pos, seg, last, pred = [], [], [], [], []
+  for pr, resp in pairs:
+    row = [tok.pad_id] * (P - len(pr)) + pr + resp + [tok.pad_id] * (T - len(resp))
+    m = [0] * (P - len(pr)) + [1] * (len(pr) + len(resp)) + [0] * (T - len(resp))
+    rows.append(row), seg.append(m), pos.append(list(np.maximum(np.cumsum(m) - 1, 0)))
+    last.append(P + len(resp) - 1), pred.append([0] * (P - 1) + [1] * len(resp) + [0] * (T - len(resp) + 1))
+  ppo_scores = losses.sequence_scores(params, np.array(rows, np.int32), np.array(pos, np.int32),
+                                      np.array(seg, np.int32), np.array(last, np.int32),
+                                      np.array(pred, np.float32), cfg=cfg)
+  np.testing.assert_allclose(ppo_scores, got, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="likelihood feature"):
+    losses.sequence_scores(params, np.array(rows, np.int32), np.array(pos, np.int32), np.array(seg, np.int32),
+                           np.array(last, np.int32), cfg=cfg)
