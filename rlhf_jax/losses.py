@@ -34,9 +34,11 @@ def packed_scores(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last
   """Reward-model scores of sequences packed into B elements of K rows: ScalarHead on the hidden state at each
   flat slot index row · L + column of `last_idx_BxM` -> score_BxM.
 
-  `params = {"backbone": transformer params, "head": ScalarHead params}`, plus `"loglik"` (a learned scalar a) for
-  an RM with the likelihood feature: score += a · Σ_t log π_backbone(y_t | x, y_<t) over the response tokens, where
-  `response_idx_BxKxL` is m + 1 at the slots that predict a response token (or eos) of sequence m, else 0.
+  `params = {"backbone": transformer params, "head": ScalarHead params}`, plus optionally `"loglik"` (a learned
+  scalar a), the likelihood feature: score += a · Σ_t log π_backbone(y_t | x, y_<t) over the response tokens
+  (and eos), and `"token_head"` (a second ScalarHead u), per-token rewards: score += Σ_t u(h_t) over the slots
+  holding y_t. `response_idx_BxKxL` is m + 1 at the slots that predict a response token (or eos) of sequence m,
+  else 0.
   """
   return _packed_forward(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, last_idx_BxM, response_idx_BxKxL,
                          cfg)[0]
@@ -52,14 +54,20 @@ def _packed_forward(params, tokens_BxKxL, positions_BxKxL, segment_ids_BxKxL, la
   h_BxMxD = jnp.take_along_axis(h_BxKLxD, last_idx_BxM[..., None].astype(jnp.int32), axis=1)
   score_BxM = ScalarHead(cfg).apply({"params": params["head"]}, h_BxMxD)
   logits_BxKxLxV = logits_NxLxV.reshape(B, K, L, -1)
+  if "loglik" not in params and "token_head" not in params:
+    return score_BxM, logits_BxKxLxV
+  if response_idx_BxKxL is None:
+    raise ValueError("this reward model scores response tokens (likelihood feature or token head): give "
+                     "response_idx_BxKxL")
+  M = last_idx_BxM.shape[1]
+  per_sequence = lambda x_BxKxL, idx_BxKxL: jnp.einsum(  # Σ of x over each sequence's marked slots; idx 0: none
+      "bkl,bklm->bm", x_BxKxL, jax.nn.one_hot(idx_BxKxL - 1, M, dtype=jnp.float32))
   if "loglik" in params:
-    if response_idx_BxKxL is None:
-      raise ValueError("this reward model scores with its likelihood feature: give response_idx_BxKxL")
-    M = last_idx_BxM.shape[1]
     logp_BxKxL = rl.token_logprobs(logits_BxKxLxV, jnp.roll(tokens_BxKxL, -1, axis=-1))
-    onehot_BxKxLxM = jax.nn.one_hot(response_idx_BxKxL - 1, M, dtype=jnp.float32)  # index 0 (-1): no sequence
-    loglik_BxM = jnp.einsum("bkl,bklm->bm", logp_BxKxL, onehot_BxKxLxM)
-    score_BxM = score_BxM + params["loglik"] * loglik_BxM
+    score_BxM = score_BxM + params["loglik"] * per_sequence(logp_BxKxL, response_idx_BxKxL)
+  if "token_head" in params:  # on the slots holding the response tokens: one right of those predicting them
+    token_BxKxL = ScalarHead(cfg).apply({"params": params["token_head"]}, h_NxLxD).reshape(B, K, L)
+    score_BxM = score_BxM + per_sequence(token_BxKxL, jnp.roll(response_idx_BxKxL, 1, axis=-1))
   return score_BxM, logits_BxKxLxV
 
 

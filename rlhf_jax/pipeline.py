@@ -62,7 +62,9 @@ def config() -> ml_collections.ConfigDict:
       temperature=1.0))  # sampling temperature of the candidates
   cfg.reward = _stage(steps=500, lr=3e-4, batch_size=16, seq_len=48)  # Bradley–Terry on the comparisons
   cfg.reward.loss = ml_collections.ConfigDict(dict(
-      lm_coef=0.0))  # + next-token loss on each best response (1.0 measured: no better here, BENCHMARKS.md)
+      lm_coef=0.0,  # + next-token loss on each best response (1.0 measured: no better here, BENCHMARKS.md)
+      loglik_feature=False,  # score += a · log π_backbone(response | prompt), a learned
+      token_head=False))  # score += Σ_t u(h_t) over the response tokens
   cfg.rl = _stage(steps=100, lr=1e-4, batch_size=16, seq_len=64, warmup=20)  # PPO: train.num_steps = iterations
   cfg.rl.data = ml_collections.ConfigDict(dict(
       prompt_len=24,  # P, prompts left-padded to this many tokens

@@ -239,18 +239,25 @@ def reward_config() -> ml_collections.ConfigDict:
   cfg.loss = ml_collections.ConfigDict()
   cfg.loss.lm_coef = 0.0  # + this × next-token loss on each record's best response (0: InstructGPT's RM loss)
   cfg.loss.loglik_feature = False  # score += a · log π_backbone(response | prompt), a learned (from 0)
+  cfg.loss.token_head = False  # score += Σ_t u(h_t) over the response tokens, u a second scalar head (from 0)
   return cfg
 
 
-def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None, loglik: bool = False) -> dict:
-  """{"backbone", "head"}: the given (or random) Transformer params plus a new ScalarHead (+ "loglik": the
-  likelihood feature's weight, 0, when `loglik`; see `losses.packed_scores`)."""
+def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None, loglik: bool = False,
+                        token_head: bool = False) -> dict:
+  """{"backbone", "head"}: the given (or random) Transformer params plus a new ScalarHead; + "loglik" (the
+  likelihood feature's weight, 0) and "token_head" (a zero ScalarHead for per-token rewards) when asked; see
+  `losses.packed_scores`."""
   import jax.numpy as jnp
   from rlhf_jax.model import ScalarHead
   k1, k2 = jax.random.split(rng)
   head = ScalarHead(model).init(k2, jnp.zeros((1, 1, model.d_model), jnp.float32))["params"]
   params = {"backbone": backbone if backbone is not None else init_params(model, k1), "head": head}
-  return {**params, "loglik": jnp.zeros((), jnp.float32)} if loglik else params
+  if loglik:
+    params["loglik"] = jnp.zeros((), jnp.float32)
+  if token_head:
+    params["token_head"] = jax.tree.map(jnp.zeros_like, head)
+  return params
 
 
 def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -272,7 +279,8 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   install_tokenizer(init.tokenizer, workdir)
   tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
   scratch = lambda: trainer.create_state(fresh_reward_params(model, jax.random.PRNGKey(cfg.train.seed),
-                                                             loglik=bool(cfg.loss.loglik_feature)), tx,
+                                                             loglik=bool(cfg.loss.loglik_feature),
+                                                             token_head=bool(cfg.loss.token_head)), tx,
                                          cfg.train.seed)
   backbone_fn = checked_params_fn(init, cfg.train.init_from)
   init_fn = None

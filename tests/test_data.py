@@ -512,15 +512,19 @@ def test_reward_lm_term_is_the_next_token_loss_of_each_best_response(tok, tmp_pa
   np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5)
 
 
-def test_rm_likelihood_feature_packed_and_ppo_layouts_match_lone_forwards(tok, tmp_path):
-  """An RM with "loglik" scores head(h_last) + a · Σ log π_backbone(response + eos | prompt), the same packed
-  (training, score_texts) and in PPO's left-padded prompt | response layout (sequence_scores + response mask)."""
+def test_rm_likelihood_feature_and_token_head_packed_and_ppo_layouts_match_lone_forwards(tok, tmp_path):
+  """An RM with "loglik" and "token_head" scores head(h_last) + a · Σ log π_backbone(response + eos | prompt)
+  + Σ u(h_t) over the response + eos slots, the same packed (training, score_texts) and in PPO's left-padded
+  prompt | response layout (sequence_scores + response mask)."""
   import jax
   import optax
   from rlhf_jax import losses, stages
   from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig
   cfg = TransformerConfig(vocab_size=512, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=2, max_len=64)
-  params = {**stages.fresh_reward_params(cfg, jax.random.PRNGKey(2), loglik=True), "loglik": np.float32(0.7)}
+  params = stages.fresh_reward_params(cfg, jax.random.PRNGKey(2), loglik=True, token_head=True)
+  assert not np.any(params["token_head"]["dense"]["kernel"])  # starts as the plain RM
+  params = {**params, "loglik": np.float32(0.7), "token_head": stages.fresh_reward_params(
+      cfg, jax.random.PRNGKey(3))["head"]}
   recs = _comparison_records()
   want = {}
   for r in recs:
@@ -530,7 +534,9 @@ def test_rm_likelihood_feature_packed_and_ppo_layouts_match_lone_forwards(tok, t
       logits, h = Transformer(cfg).apply({"params": params["backbone"]}, np.array([seq], np.int32))
       nll = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], np.array(seq[1:]))
       head = ScalarHead(cfg).apply({"params": params["head"]}, h[:, -1:])[0, 0]
-      want[(r["prompt"], x)] = float(head) - 0.7 * float(np.sum(np.asarray(nll)[len(prompt) - 1:]))
+      per_token = ScalarHead(cfg).apply({"params": params["token_head"]}, h)[0, len(prompt):]
+      want[(r["prompt"], x)] = (float(head) - 0.7 * float(np.sum(np.asarray(nll)[len(prompt) - 1:]))
+                                + float(np.sum(per_token)))
   prompts = [r["prompt"] for r in recs for _ in r["responses"]]
   responses = [x for r in recs for x in r["responses"]]
   got = stages.score_texts(params, cfg, tok, prompts, responses, 48, batch_size=8)
@@ -548,6 +554,6 @@ def test_rm_likelihood_feature_packed_and_ppo_layouts_match_lone_forwards(tok, t
                                       np.array(seg, np.int32), np.array(last, np.int32),
                                       np.array(pred, np.float32), cfg=cfg)
   np.testing.assert_allclose(ppo_scores, got, rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match="likelihood feature"):
+  with pytest.raises(ValueError, match="likelihood feature or token head"):
     losses.sequence_scores(params, np.array(rows, np.int32), np.array(pos, np.int32), np.array(seg, np.int32),
                            np.array(last, np.int32), cfg=cfg)
