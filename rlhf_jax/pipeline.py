@@ -45,6 +45,7 @@ def config() -> ml_collections.ConfigDict:
       num_demonstrations=8000,  # labeler (prompt, response) pairs for SFT (2000: SFT greedy 0.64 instead of 0.79)
       num_rl_prompts=1000,  # PPO prompts (no other stage trains on them)
       num_heldout_prompts=200,  # evaluation prompts (no stage trains on them)
+      num_comparison_prompts=0,  # the RM's own train-split prompts, ranked before the demonstrations' prompts
       demo_error_rate=0.25,  # share of wrong demonstrations (writing is hard)
       comparison_noise_rate=0.1,  # chance a ranking has one adjacent pair swapped (comparing is easier)
       num_candidates=4))  # K SFT samples per comparison prompt
@@ -108,7 +109,8 @@ def _task_data(cfg, workdir: str) -> tuple[tasks.TaskConfig, dict]:
   marker = os.path.join(out, "task_config.json")
   paths = {k: os.path.join(out, f) for k, f in (("corpus", "corpus.txt"), ("demonstrations", "demonstrations.jsonl"),
                                                 ("rl_prompts", "rl_prompts.jsonl"),
-                                                ("heldout_prompts", "heldout_prompts.jsonl"))}
+                                                ("heldout_prompts", "heldout_prompts.jsonl"),
+                                                ("comparison_prompts", "comparison_prompts.jsonl"))}
   want = json.dumps(dataclasses.asdict(task_cfg), sort_keys=True)
   if not (os.path.exists(marker) and open(marker).read().strip() == want):
     paths.update(tasks.generate_all(task_cfg, out))
@@ -121,8 +123,9 @@ def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str
   path = os.path.join(workdir, "data", f"comparisons_{split}.jsonl")
   if os.path.exists(path):
     return path
-  source = paths["demonstrations"] if split == "train" else paths["heldout_prompts"]
-  prompts = list(dict.fromkeys(json.loads(line)["prompt"] for line in open(source)))
+  sources = ([paths["comparison_prompts"], paths["demonstrations"]] if split == "train"  # the RM's own prompts first
+             else [paths["heldout_prompts"]])
+  prompts = list(dict.fromkeys(json.loads(line)["prompt"] for source in sources for line in open(source)))
   prompts = prompts[:cfg.comparisons.num_prompts if split == "train" else cfg.comparisons.num_heldout]
   model, params, tok = stages.load_policy(sft_dir)
   K = task_cfg.num_candidates

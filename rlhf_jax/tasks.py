@@ -50,7 +50,8 @@ DEMO_POLICIES = ("full_knowledge", "abstain_unknown")
 KNOWLEDGE = "ask"  # first word of knowledge questions
 ATTRIBUTES = ("capital", "color", "ruler")
 _MAX_RESPONSE_CHARS = 256  # longer (stripped) responses score 0 unparsed; every answer is far shorter
-_SALTS = {"corpus": 1, "demonstrations": 2, "train": 3, "rl": 4, "heldout": 5, "comparisons": 6, "entities": 7}
+_SALTS = {"corpus": 1, "demonstrations": 2, "train": 3, "rl": 4, "heldout": 5, "comparisons": 6, "entities": 7,
+          "comparison_prompts": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ class TaskConfig:
   num_demonstrations: int = 2000  # labeler (prompt, response) pairs
   num_rl_prompts: int = 1000
   num_heldout_prompts: int = 200
+  num_comparison_prompts: int = 0  # distinct train-split prompts for the RM's comparisons beyond the demonstrations'
   heldout_fraction: float = 0.1  # share of split keys reserved for held-out prompts
   rl_fraction: float = 0.3  # share of split keys reserved for RL prompts
   demo_error_rate: float = 0.25  # demonstrations whose response is plausibly wrong
@@ -87,6 +89,7 @@ class TaskConfig:
       _check(0 < getattr(self, f) < 1, f, getattr(self, f), "in (0, 1)")
     _check(self.heldout_fraction + self.rl_fraction < 1, "heldout_fraction + rl_fraction",
            self.heldout_fraction + self.rl_fraction, "< 1")
+    _check(self.num_comparison_prompts >= 0, "num_comparison_prompts", self.num_comparison_prompts, ">= 0")
     for f in ("demo_error_rate", "corpus_noise_rate", "comparison_noise_rate", "filler_fraction"):
       _check(0 <= getattr(self, f) <= 1, f, getattr(self, f), "in [0, 1]")
     _check(self.num_candidates >= 2, "num_candidates", self.num_candidates, ">= 2")
@@ -507,12 +510,21 @@ def demonstrations(cfg: TaskConfig) -> list[dict]:
 
 
 def split_prompts(cfg: TaskConfig, split: str) -> list[str]:
-  """cfg.num_rl_prompts ("rl") or cfg.num_heldout_prompts ("heldout") prompts of that split."""
-  sizes = {"rl": cfg.num_rl_prompts, "heldout": cfg.num_heldout_prompts}
+  """cfg.num_rl_prompts ("rl") or cfg.num_heldout_prompts ("heldout") prompts of that split; "comparisons": up to
+  cfg.num_comparison_prompts distinct train-split prompts from their own stream (fewer if the split runs out)."""
+  sizes = {"rl": cfg.num_rl_prompts, "heldout": cfg.num_heldout_prompts, "comparisons": cfg.num_comparison_prompts}
   if split not in sizes:
     raise ValueError(f"split_prompts: split={split!r}; expected one of {sorted(sizes)}")
-  rng, families = _rng(cfg, split), _families(cfg)
-  return [_sample_split(_pick(rng, families), rng, cfg, split)[0] + SEP for _ in range(sizes[split])]
+  families = _families(cfg)
+  if split != "comparisons":
+    rng = _rng(cfg, split)
+    return [_sample_split(_pick(rng, families), rng, cfg, split)[0] + SEP for _ in range(sizes[split])]
+  rng, found = _rng(cfg, "comparison_prompts"), {}
+  for _ in range(20 * sizes[split]):
+    if len(found) == sizes[split]:
+      break
+    found.setdefault(_sample_split(_pick(rng, families), rng, cfg, "train")[0] + SEP)
+  return list(found)
 
 # ---------------------------------------------------------------------------------------------- writers
 
@@ -539,7 +551,7 @@ def write_demonstrations(path: str, cfg: TaskConfig) -> str:
 
 
 def write_prompts(path: str, cfg: TaskConfig, split: str) -> str:
-  """JSONL {"prompt"} for the "rl" or "heldout" split."""
+  """JSONL {"prompt"} for the "rl", "heldout" or "comparisons" split."""
   return _write_lines(path, _jsonl({"prompt": p} for p in split_prompts(cfg, split)))
 
 
@@ -571,4 +583,5 @@ def generate_all(cfg: TaskConfig, out_dir: str) -> dict[str, str]:
       "demonstrations": write_demonstrations(join("demonstrations.jsonl"), cfg),
       "rl_prompts": write_prompts(join("rl_prompts.jsonl"), cfg, "rl"),
       "heldout_prompts": write_prompts(join("heldout_prompts.jsonl"), cfg, "heldout"),
+      "comparison_prompts": write_prompts(join("comparison_prompts.jsonl"), cfg, "comparisons"),
   }

@@ -10,7 +10,8 @@ import pytest
 
 from rlhf_jax import tasks as T
 
-SMALL = dict(num_corpus_docs=300, num_demonstrations=300, num_rl_prompts=200, num_heldout_prompts=100)
+SMALL = dict(num_corpus_docs=300, num_demonstrations=300, num_rl_prompts=200, num_heldout_prompts=100,
+             num_comparison_prompts=150)
 
 
 def _within(observed: float, p: float, n: int, sigmas: float = 4.0) -> bool:
@@ -95,7 +96,7 @@ def test_files_deterministic_and_seed_dependent(tmp_path):
   cfg = T.TaskConfig(knowledge=True, **SMALL)
   a, b = T.generate_all(cfg, str(tmp_path / "a")), T.generate_all(cfg, str(tmp_path / "b"))
   c = T.generate_all(dataclasses.replace(cfg, seed=1), str(tmp_path / "c"))
-  assert set(a) == {"config", "corpus", "demonstrations", "rl_prompts", "heldout_prompts"}
+  assert set(a) == {"config", "corpus", "demonstrations", "rl_prompts", "heldout_prompts", "comparison_prompts"}
   for key in a:
     assert open(a[key], "rb").read() == open(b[key], "rb").read(), key
     assert open(a[key], "rb").read() != open(c[key], "rb").read(), key
@@ -104,9 +105,10 @@ def test_files_deterministic_and_seed_dependent(tmp_path):
 def test_files_are_json_lines_with_right_fields(tmp_path):
   cfg = T.TaskConfig(knowledge=True, **SMALL)
   paths = T.generate_all(cfg, str(tmp_path))
-  fields = {"demonstrations": {"prompt", "response"}, "rl_prompts": {"prompt"}, "heldout_prompts": {"prompt"}}
+  fields = {"demonstrations": {"prompt", "response"}, "rl_prompts": {"prompt"}, "heldout_prompts": {"prompt"},
+            "comparison_prompts": {"prompt"}}
   sizes = {"demonstrations": cfg.num_demonstrations, "rl_prompts": cfg.num_rl_prompts,
-           "heldout_prompts": cfg.num_heldout_prompts}
+           "heldout_prompts": cfg.num_heldout_prompts, "comparison_prompts": cfg.num_comparison_prompts}
   for key, want in fields.items():
     records = [json.loads(line) for line in open(paths[key], encoding="utf-8")]
     assert len(records) == sizes[key]
@@ -122,6 +124,11 @@ def test_splits_are_disjoint():
   rl, held = set(T.split_prompts(cfg, "rl")), set(T.split_prompts(cfg, "heldout"))
   assert demo and rl and held
   assert not (demo & rl) and not (demo & held) and not (rl & held)
+  # The RM's own comparison prompts: distinct, from the train split (so never RL or held-out), not the demos' list.
+  comp = T.split_prompts(cfg, "comparisons")
+  assert len(comp) == len(set(comp)) == cfg.num_comparison_prompts
+  assert not (set(comp) & rl) and not (set(comp) & held) and set(comp) - demo
+  assert T.split_prompts(dataclasses.replace(cfg, num_comparison_prompts=0), "comparisons") == []
   # Held-out and RL instances never appear in the corpus either (add: the operand pairs of its statements).
   add_cfg = dataclasses.replace(cfg, operations=("add",), filler_fraction=0.0, corpus_noise_rate=0.0)
   stated = {tuple(map(int, re.findall(r"[0-9]+", s)[:2])) for doc in T.corpus_documents(add_cfg)
@@ -345,7 +352,7 @@ def test_register_family_extends_every_product():
     ("seed", -1), ("num_demonstrations", 0), ("heldout_fraction", 0.0), ("rl_fraction", 0.95),
     ("demo_error_rate", 1.5), ("num_candidates", 1), ("min_items", 1), ("max_items", 9), ("max_sentences", 2),
     ("demo_policy", "oracle"), ("operations", ("reverse", "mul")), ("operations", ("ask",)), ("num_entities", 7),
-    ("num_entities", 4)])
+    ("num_entities", 4), ("num_comparison_prompts", -1)])
 def test_config_errors_name_the_field(field, value):
   with pytest.raises(ValueError, match=f"TaskConfig.*{field}"):
     T.TaskConfig(**{field: value})
