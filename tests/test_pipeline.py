@@ -11,7 +11,8 @@ from rlhf_jax import evaluate, pipeline, stages
 
 def _tiny_config():
   cfg = pipeline_config.get_config()
-  cfg.task.update(dict(num_corpus_docs=300, num_demonstrations=120, num_rl_prompts=40, num_heldout_prompts=16))
+  cfg.task.update(dict(num_corpus_docs=300, num_demonstrations=120, num_rl_prompts=40, num_heldout_prompts=16,
+                       num_comparison_prompts=30))
   cfg.model.update(dict(d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=1))
   cfg.tokenizer.vocab_size = 400
   for stage, steps in (("pretrain", 8), ("sft", 8), ("reward", 8), ("rl", 2)):
@@ -55,6 +56,11 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, capsys):
   for png in ("pretrain_curves.png", "sft_curves.png", "reward_curves.png", "ppo_curves.png"):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000
     assert png in report
+  comparison_prompts = [json.loads(line)["prompt"] for line in open(os.path.join(workdir, "data",
+                                                                                 "comparison_prompts.jsonl"))]
+  ranked = {json.loads(line)["prompt"] for line in open(os.path.join(workdir, "data", "comparisons_train.jsonl"))}
+  assert len(comparison_prompts) == 30 and ranked & set(comparison_prompts)  # the RM's own prompts are ranked
+  assert "loglik" in stages.load_reward_model(os.path.join(workdir, "reward"))[1]  # the default RM's feature
   ppo_rows = [json.loads(line) for line in open(os.path.join(workdir, "ppo", "metrics.jsonl"))]
   assert len(ppo_rows) == 2 and all("oracle" in r and "kl" in r and "score" in r for r in ppo_rows)
 
