@@ -23,12 +23,14 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from rlhf_jax import data, evaluate, losses, stages, tasks
+from rlhf_jax import data, evaluate, losses, pipeline, stages, tasks
 
 WORKDIR = flags.DEFINE_string("workdir", None, "finished pipeline workdir", required=True)
 POLICIES = flags.DEFINE_list("policies", [], "more policy workdirs (pretrain/SFT/PPO) to evaluate")
 SAMPLES = flags.DEFINE_integer("samples", 8, "temperature-1 samples per held-out prompt")
-PROMPT_LEN, NEW_TOKENS, RM_SEQ_LEN = 24, 16, 48  # the pipeline's defaults
+_DEFAULTS = pipeline.config()
+PROMPT_LEN, NEW_TOKENS = _DEFAULTS.rl.data.prompt_len, _DEFAULTS.ppo.max_new_tokens
+RM_SEQ_LEN = _DEFAULTS.reward.data.seq_len
 
 
 def family_table(wd: str, prompts: list[str], n: int) -> list[str]:

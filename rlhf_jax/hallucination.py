@@ -59,6 +59,8 @@ def config() -> ml_collections.ConfigDict:
   cfg.reward.loss.update(dict(loglik_feature=False, lm_coef=0.0))  # the plain scalar-head RM
   cfg.reward.opt.lr, cfg.rl.opt.lr = 3e-4, 1e-4
   cfg.ppo.update(dict(rollout_batch=64, ppo_epochs=4, kl_coef=1.0, kl_horizon=1000))
+  cfg.pretrain.train.num_steps = cfg.pretrain.train.checkpoint_every = 600
+  cfg.rl.data.prompt_len = 24
   cfg.ppo.max_new_tokens = 8  # answers are one word
   cfg.eval.num_prompts = 60  # the pipeline's own held-out table (oracle score, RM score, KL) per cell
   cfg.grid = ml_collections.ConfigDict(dict(

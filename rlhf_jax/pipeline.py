@@ -45,7 +45,7 @@ def config() -> ml_collections.ConfigDict:
       num_demonstrations=8000,  # labeler (prompt, response) pairs for SFT (2000: SFT greedy 0.64 instead of 0.79)
       num_rl_prompts=12800,  # PPO prompts (no other stage trains on them): ~one pass of 100 x 128 rollouts
       num_heldout_prompts=200,  # evaluation prompts (no stage trains on them)
-      num_comparison_prompts=12000,  # the RM's own train-split prompts, ranked before the demonstrations' prompts
+      num_comparison_prompts=8000,   # the RM's own train-split prompts, ranked before the demonstrations' prompts
       demo_error_rate=0.25,  # share of wrong demonstrations (writing is hard)
       comparison_noise_rate=0.1,  # chance a ranking has one adjacent pair swapped (comparing is easier)
       num_candidates=4))  # K SFT samples per comparison prompt
@@ -55,20 +55,20 @@ def config() -> ml_collections.ConfigDict:
   cfg.tokenizer = ml_collections.ConfigDict(dict(
       vocab_size=512,  # upper bound for char models (they take what the corpus has)
       model_type="bpe"))  # sentencepiece model type: bpe | unigram | char | word
-  cfg.pretrain = _stage(steps=600, lr=2e-3, batch_size=32, seq_len=64)  # next-token on the corpus
+  cfg.pretrain = _stage(steps=500, lr=2e-3, batch_size=32, seq_len=64)  # next-token on the corpus
   cfg.sft = _stage(steps=800, lr=1e-3, batch_size=32, seq_len=64)  # demonstrations, loss on responses
   cfg.comparisons = ml_collections.ConfigDict(dict(
-      num_prompts=12000,  # prompts whose K SFT samples are ranked for RM training (3000: held-out accuracy 0.71)
+      num_prompts=8000,  # prompts whose K SFT samples are ranked for RM training (3000: held-out accuracy 0.71)
       num_heldout=200,  # held-out prompts ranked the same way for the RM's held-out accuracy
       temperature=1.0))  # sampling temperature of the candidates
-  cfg.reward = _stage(steps=800, lr=5e-4, batch_size=16, seq_len=48)  # Bradley–Terry on the comparisons
+  cfg.reward = _stage(steps=500, lr=5e-4, batch_size=16, seq_len=48)  # Bradley–Terry on the comparisons
   cfg.reward.loss = ml_collections.ConfigDict(dict(
       lm_coef=1.0,  # + next-token loss on each best response (keeps the likelihood feature a language model)
       loglik_feature=True,  # score += a · log π_backbone(response | prompt), a learned (off: 0.70 vs 0.80-0.83)
       token_head=False))  # score += Σ_t u(h_t) over the response tokens
   cfg.rl = _stage(steps=100, lr=5e-5, batch_size=16, seq_len=64, warmup=20)  # PPO: train.num_steps = iterations
   cfg.rl.data = ml_collections.ConfigDict(dict(
-      prompt_len=24,  # P, prompts left-padded to this many tokens
+      prompt_len=20,  # P, prompts left-padded to this many tokens (the task's longest: 16 with bos)
       ptx_seq_len=64,  # packed pretraining rows for the ptx term
       ptx_batch_size=16))  # ptx rows per PPO iteration
   cfg.rl.train.log_every = 10
@@ -79,7 +79,7 @@ def config() -> ml_collections.ConfigDict:
   cfg.ppo.kl_coef = 0.3  # initial β (fixed 0.1 and 0.3 measured alike: BENCHMARKS.md)
   cfg.ppo.kl_target = 1.0  # nats per response (the 0.70 RM was exploited beyond ~1 nat: BENCHMARKS.md)
   cfg.ppo.kl_horizon = 10000  # samples: β changes by at most 0.26% per iteration of 128
-  cfg.ppo.max_new_tokens = 16
+  cfg.ppo.max_new_tokens = 12  # the longest demonstration: 10 tokens with eos
   cfg.ppo.rollout_batch = 128  # (64 x 4 epochs at lr 1e-4: KL spent on noise, BENCHMARKS.md)
   cfg.ppo.ppo_epochs = 2
   cfg.ppo.ptx_coef = 0.05  # γ: SFT left the corpus loss high, and γ = 1 then dominates the RL gradient
@@ -117,16 +117,21 @@ def _task_data(cfg, workdir: str) -> tuple[tasks.TaskConfig, dict]:
   return task_cfg, paths
 
 
+def comparison_prompts(cfg, paths: dict, split: str) -> list[str]:
+  """The prompts whose SFT samples are ranked: "train", the RM's own prompts (task.num_comparison_prompts) then the
+  demonstrations' prompts, distinct, up to comparisons.num_prompts; "heldout", comparisons.num_heldout held-out."""
+  sources = ([paths["comparison_prompts"], paths["demonstrations"]] if split == "train" else [paths["heldout_prompts"]])
+  prompts = list(dict.fromkeys(json.loads(line)["prompt"] for source in sources for line in open(source)))
+  return prompts[:cfg.comparisons.num_prompts if split == "train" else cfg.comparisons.num_heldout]
+
+
 def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str:
   """K SFT samples per prompt ranked by the noisy oracle (`tasks.comparison_candidates`: empty answers and equal
   oracle scores dropped, so every pair has a true preference up to the label noise)."""
   path = os.path.join(workdir, "data", f"comparisons_{split}.jsonl")
   if os.path.exists(path):
     return path
-  sources = ([paths["comparison_prompts"], paths["demonstrations"]] if split == "train"  # the RM's own prompts first
-             else [paths["heldout_prompts"]])
-  prompts = list(dict.fromkeys(json.loads(line)["prompt"] for source in sources for line in open(source)))
-  prompts = prompts[:cfg.comparisons.num_prompts if split == "train" else cfg.comparisons.num_heldout]
+  prompts = comparison_prompts(cfg, paths, split)
   model, params, tok = stages.load_policy(sft_dir)
   K = task_cfg.num_candidates
   texts, _ = evaluate.generate(params, model, tok, [p for p in prompts for _ in range(K)],

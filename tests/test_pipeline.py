@@ -56,10 +56,12 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, capsys):
   for png in ("pretrain_curves.png", "sft_curves.png", "reward_curves.png", "ppo_curves.png"):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000
     assert png in report
-  comparison_prompts = [json.loads(line)["prompt"] for line in open(os.path.join(workdir, "data",
-                                                                                 "comparison_prompts.jsonl"))]
-  ranked = {json.loads(line)["prompt"] for line in open(os.path.join(workdir, "data", "comparisons_train.jsonl"))}
-  assert len(comparison_prompts) == 30 and ranked & set(comparison_prompts)  # the RM's own prompts are ranked
+  # the RM's own 30 prompts come first, then the demonstrations' (distinct) up to comparisons.num_prompts = 60
+  paths = {k: os.path.join(workdir, "data", f"{k}.jsonl") for k in ("comparison_prompts", "demonstrations")}
+  own = [json.loads(line)["prompt"] for line in open(paths["comparison_prompts"])]
+  demo = list(dict.fromkeys(json.loads(line)["prompt"] for line in open(paths["demonstrations"])))
+  ranked = pipeline.comparison_prompts(_tiny_config(), paths, "train")
+  assert len(own) == 30 and ranked == list(dict.fromkeys(own + demo))[:60] and ranked[:30] == own
   assert "loglik" in stages.load_reward_model(os.path.join(workdir, "reward"))[1]  # the default RM's feature
   ppo_rows = [json.loads(line) for line in open(os.path.join(workdir, "ppo", "metrics.jsonl"))]
   assert len(ppo_rows) == 2 and all("oracle" in r and "kl" in r and "score" in r for r in ppo_rows)

@@ -189,9 +189,9 @@ X, P_TOY, T_TOY, B_TOY, ITERS = 5, 4, 8, 32, 8
 H_TOY = _hyper(ppo_epochs=2, minibatches=2)
 
 
-def _count_scorer(params, tokens_NxL, positions_NxL, segment_ids_NxL, last_idx_N, *, cfg):
+def _count_scorer(params, tokens_NxL, positions_NxL, segment_ids_NxL, last_idx_N, response_mask_NxL=None, *, cfg):
   """Stand-in reward model: how many response tokens equal X."""
-  del params, positions_NxL, last_idx_N, cfg
+  del params, positions_NxL, last_idx_N, response_mask_NxL, cfg
   hit_NxT = (tokens_NxL[:, -T_TOY:] == X) & (segment_ids_NxL[:, -T_TOY:] > 0)
   return jnp.sum(hit_NxT, axis=1).astype(jnp.float32)
 
