@@ -34,10 +34,23 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)))
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores (state shaped like `abstract_state`, extra) saved at `step`."""
+    """Restores (state shaped like `abstract_state`, extra) saved at `step`; a ValueError naming the workdir and the
+    parameters when the saved state has others (a run with another config wrote it)."""
+    self._check_params(step, abstract_state)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
     return out["state"], out["extra"]
+
+  def _check_params(self, step: int, abstract_state: Any) -> None:
+    """Compares the parameter names saved at `step` with those of `abstract_state` (before orbax's own error)."""
+    saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state")).item_metadata
+    want, have = (_param_names(t) for t in (abstract_state, saved))
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    if missing or unexpected:
+      raise ValueError(f"{self.directory}/{step}: the saved state does not match what this config builds: missing "
+                       f"{missing[:4]}, unexpected {unexpected[:4]}. A run with another config (model shape, reward "
+                       "loss.loglik_feature / loss.token_head, ...) wrote it: resume with that run's flags or give a "
+                       "fresh --workdir")
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -46,6 +59,13 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _param_names(state) -> set[str]:
+  """"params/..." names of the leaves under a state's params (attribute, dict key or index, whichever a path uses)."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  paths = ("/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(state))
+  return {p for p in paths if p.startswith("params/")}
 
 
 def has_checkpoint(workdir: str) -> bool:

@@ -155,3 +155,24 @@ def test_sft_mask_ignores_prompt_side_targets():
 def test_batch_not_divisible_by_devices_names_the_field():
   with pytest.raises(ValueError, match=r"data.batch_size=6 .*device count \(4\)"):
     parallel.shard_batch(_batch(0, B=6), "data.batch_size")
+
+
+def test_resume_with_other_parameters_names_them(tmp_path):
+  """A workdir written with other params (e.g. an RM without the likelihood feature) stops with a ValueError
+  naming the workdir and the differing parameters, in either direction, before orbax's own structure error."""
+  from rlhf_jax import checkpoint
+  params = {"head": np.zeros((3,), np.float32), "loglik": np.float32(0.5)}
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(1, {"params": params, "step": np.int32(1)}, {"meta": {}})
+  ckpt.close()
+  for abstract, want in (({"params": {"head": params["head"]}, "step": np.int32(0)}, r"unexpected \['params/loglik'\]"),
+                         ({"params": {**params, "token_head": params["head"]}, "step": np.int32(0)},
+                          r"missing \['params/token_head'\]")):
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    with pytest.raises(ValueError, match=f"checkpoints/1: the saved state does not match.*{want}"):
+      ckpt.restore(1, jax.eval_shape(lambda: abstract))
+    ckpt.close()
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  state, _ = ckpt.restore(1, jax.eval_shape(lambda: {"params": params, "step": np.int32(0)}))
+  ckpt.close()
+  assert float(state["params"]["loglik"]) == 0.5
