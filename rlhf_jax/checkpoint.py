@@ -43,7 +43,8 @@ class Checkpointer:
 
   def _check_params(self, step: int, abstract_state: Any) -> None:
     """Compares the parameter names saved at `step` with those of `abstract_state` (before orbax's own error)."""
-    saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state")).item_metadata
+    with ocp.StandardCheckpointer() as reader:  # an async checkpointer: closed, so no thread outlives the read
+      saved = reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata
     want, have = (_param_names(t) for t in (abstract_state, saved))
     missing, unexpected = sorted(want - have), sorted(have - want)
     if missing or unexpected:
