@@ -7,7 +7,8 @@ optionally whitened over the whole rollout batch (all devices). The update scans
 L = L_clip(ρ, A, ε) + c_vf·L_V(ε_vf) − γ·(1/N_ptx)·Σ log π(x_ptx), gradients pmean'ed over devices.
 With `ppo.group_size` G > 1 every prompt is sampled G times and the advantage is RLOO's instead of GAE's: the RM
 score minus the mean of the other G − 1 scores of its prompt (a Bradley–Terry RM's per-prompt level is arbitrary),
-then the reward-to-go of the KL-shaped rewards, no critic. `run(reward_fn=...)` replaces the RM by a function.
+then the reward-to-go of the KL-shaped rewards: no critic, so no value network is built, scored or trained (the
+update costs one network's forward/backward instead of two). `run(reward_fn=...)` replaces the RM by a function.
 
 Networks (InstructGPT's four): policy and value trained (`Trainable`), reference and reward model frozen
 (`Frozen`). The value network is a Transformer + ScalarHead, initialised from the RM or from SFT + a new head.
@@ -33,7 +34,7 @@ from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig
 
 @struct.dataclass
 class Trainable:
-  """The trained parameter groups: policy (Transformer) and value ({"backbone", "head"})."""
+  """The trained parameter groups: policy (Transformer) and value ({"backbone", "head"}; None for RLOO)."""
   policy: Any
   value: Any
 
@@ -120,7 +121,8 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
   logp_BxT = samples.logprobs_BxT.astype(jnp.float32) * mask_BxT
   ref_logits_BxTxV, _ = response_logits(frozen.ref, models.policy, seq, seg, pos, T)
   ref_logp_BxT = rl.token_logprobs(ref_logits_BxTxV, tokens_BxT) * mask_BxT
-  values_BxT = values_of(params.value, models.value, seq, seg, pos, T) * mask_BxT
+  values_BxT = (values_of(params.value, models.value, seq, seg, pos, T) * mask_BxT if params.value is not None
+                else jnp.zeros_like(mask_BxT))  # RLOO: no critic
   last_B = seq.shape[1] - T - 1 + samples.lengths_B
   if score_B is None:  # the RM's score; a given score_B (from `run`'s reward_fn) replaces it
     B, P = seq.shape[0], seq.shape[1] - T  # slots P - 1 .. P + T - 2 predict the response tokens
@@ -156,9 +158,11 @@ def ppo_loss(params: Trainable, mb: dict, rng, *, models: Models, ppo):
   logits_BxTxV, _ = response_logits(params.policy, models.policy, r.sequence_BxS, r.segment_ids_BxS,
                                     r.positions_BxS, T)
   logp_BxT = rl.token_logprobs(logits_BxTxV, r.sequence_BxS[:, -T:])
-  values_BxT = values_of(params.value, models.value, r.sequence_BxS, r.segment_ids_BxS, r.positions_BxS, T)
   pg, pg_aux = rl.ppo_policy_loss(logp_BxT, r.old_logp_BxT, r.advantages_BxT, r.mask_BxT, ppo.clip_eps)
-  vf, vf_aux = rl.ppo_value_loss(values_BxT, r.old_values_BxT, r.returns_BxT, r.mask_BxT, ppo.vf_clip)
+  vf, vf_aux = jnp.float32(0.0), {"vf_clipfrac": jnp.float32(0.0)}  # RLOO (params.value None): no critic
+  if params.value is not None:
+    values_BxT = values_of(params.value, models.value, r.sequence_BxS, r.segment_ids_BxS, r.positions_BxS, T)
+    vf, vf_aux = rl.ppo_value_loss(values_BxT, r.old_values_BxT, r.returns_BxT, r.mask_BxT, ppo.vf_clip)
   n = jnp.sum(r.mask_BxT)
   loss_sum = (pg + ppo.vf_coef * vf) * n
   aux = {"policy_loss": (pg * n, n), "value_loss": (vf * n, n), "clipfrac": (pg_aux["clipfrac"] * n, n),
@@ -245,7 +249,7 @@ def ppo_config() -> ml_collections.ConfigDict:
   """The `cfg.ppo` group: the ablation knobs of InstructGPT's PPO-ptx."""
   p = ml_collections.ConfigDict()
   p.reward_from = ""  # reward-model workdir (frozen RM; its reward_offset.json is subtracted)
-  p.value_init = "reward"  # value network from the RM ("reward") or SFT backbone + fresh head ("sft")
+  p.value_init = "reward"  # value network from the RM ("reward") or SFT backbone + fresh head ("sft"); RLOO has none
   p.kl_coef = 0.05  # β, per-token KL penalty to the SFT policy (initial value when adaptive)
   p.adaptive_kl = False  # Ziegler et al. adaptive β towards kl_target
   p.kl_target = 3.0  # target KL per response (nats, summed over tokens) for adaptive β
@@ -261,7 +265,7 @@ def ppo_config() -> ml_collections.ConfigDict:
   p.ppo_epochs = 2  # passes over each rollout batch
   p.minibatches = 2  # minibatches per epoch (per device rows must divide)
   p.rollout_batch = 32  # responses per iteration (global; divisible by devices × minibatches)
-  p.group_size = 1  # responses per prompt; > 1: RLOO (score minus its group's leave-one-out mean, no critic in GAE)
+  p.group_size = 1  # responses per prompt; > 1: RLOO (score minus its group's leave-one-out mean; no value network)
   p.temperature = 1.0  # rollout sampling temperature
   p.top_k = 0  # rollout top-k (0 = off)
   p.top_p = 1.0  # rollout nucleus (1 = off)
@@ -325,7 +329,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
     raise ValueError(f"config ppo.value_init={cfg.ppo.value_init!r}; expected 'reward' or 'sft'")
   if not cfg.train.init_from:
     raise ValueError("config train.init_from is empty: give the SFT workdir (policy and reference)")
-  if not cfg.ppo.reward_from and (reward_fn is None or cfg.ppo.value_init == "reward"):
+  critic = hyper.group_size == 1  # RLOO (group_size > 1) has no value network
+  if not cfg.ppo.reward_from and (reward_fn is None or (critic and cfg.ppo.value_init == "reward")):
     raise ValueError("config ppo.reward_from is empty: give the reward-model workdir" +
                      (" (with a reward function it only initialises the value network: or set ppo.value_init="
                       "'sft')" if reward_fn is not None else ""))
@@ -363,7 +368,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
                        f"by ppo.minibatches={hyper.minibatches}")
 
   # ---- networks and state: resume > SFT/RM init
-  if cfg.ppo.value_init == "reward":
+  if not critic:
+    value_cfg, value_params = policy_cfg, None
+  elif cfg.ppo.value_init == "reward":
     value_cfg, value_params = rm_cfg, rm_params
   else:
     value_cfg = policy_cfg

@@ -333,6 +333,8 @@ def test_reward_fn_without_rm_needs_value_init_sft(pipe, tmp_path):
   cfg.ppo.value_init = "reward"
   with pytest.raises(ValueError, match="ppo.reward_from is empty.*value_init='sft'"):
     ppo.run(cfg, str(tmp_path / "ppo"), reward_fn=lambda p, r: np.zeros(len(r)))
+  cfg.ppo.group_size = 2  # RLOO has no value network to initialise: a reward function is all it needs
+  ppo.run(cfg, str(tmp_path / "rloo"), reward_fn=lambda p, r: np.zeros(len(r)))
   with pytest.raises(ValueError, match="ppo.reward_from is empty: give the reward-model workdir$"):
     ppo.run(cfg, str(tmp_path / "ppo"))
 
@@ -356,6 +358,12 @@ def test_group_size_samples_each_prompt_group_size_times(pipe, tmp_path):
   assert len(set(prompts)) > 1
   row = metrics.read_jsonl(str(tmp_path / "ppo" / "metrics.jsonl"))[0]
   assert row["score"] == pytest.approx(np.mean(np.arange(len(prompts))))  # logged: the raw score
+  assert row["value_loss"] == 0.0 and row["grad_norm"] > 0  # RLOO: no critic is trained
+  params, _ = checkpoint.load_params(str(tmp_path / "ppo"))
+  assert params.get("value") is None and "policy" in params  # nor built or checkpointed
+  cfg.train.num_steps = 2  # and the critic-free state resumes
+  ppo.run(cfg, str(tmp_path / "ppo"), reward_fn=lambda p, r: np.arange(len(r), dtype=np.float32))
+  assert [r["step"] for r in metrics.read_jsonl(str(tmp_path / "ppo" / "metrics.jsonl"))] == [1, 2]
   cfg.ppo.group_size = 3
   with pytest.raises(ValueError, match="not divisible by ppo.group_size=3"):
     ppo.run(cfg, str(tmp_path / "ppo3"), reward_fn=lambda p, r: np.zeros(len(r)))
