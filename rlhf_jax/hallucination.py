@@ -17,7 +17,7 @@ Metrics on every held-out question (held-out entities × attributes), per stage,
   accuracy_known       P(true value | known entity)
   abstain_known        P(ABSTAIN | known)                               over-abstention
   fabrication_unknown  P(non-empty answer other than ABSTAIN | unknown)  unsupported assertion
-  valuelike_unknown    P(an answer shaped like a value, tasks.VALUE_PATTERN | unknown)  the confident subset
+  valuelike_unknown    P(an answer shaped like a value, knowledge.VALUE_PATTERN | unknown)  the confident subset
   abstain_unknown      P(ABSTAIN | unknown)
   cloze_known          greedy "the capital of zorbat is" -> true value  (stored, asked in the corpus's words)
 and each cell's RM on the same questions: P(RM(true value) > RM(ABSTAIN) | known) and
@@ -34,7 +34,7 @@ import time
 import ml_collections
 import numpy as np
 
-from rlhf_jax import evaluate, pipeline, stages, tasks
+from rlhf_jax import evaluate, knowledge, pipeline, stages, tasks
 from rlhf_jax.tokenizer import load_tokenizer
 
 STAGES = ("pretrain", "sft", "ppo")
@@ -99,13 +99,13 @@ def check_grid(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[b
 
 def heldout_questions(task_cfg: tasks.TaskConfig) -> list[str]:
   """Every held-out knowledge question: each held-out entity of the pool asked each attribute."""
-  names = [e for e in tasks.entity_pool(task_cfg) if tasks.split_of(e, task_cfg) == "heldout"]
-  return [f"{tasks.KNOWLEDGE}: {t} of {e}?{tasks.SEP}" for e in names for t in tasks.ATTRIBUTES]
+  names = [e for e in knowledge.entity_pool(task_cfg) if tasks.split_of(e, task_cfg) == "heldout"]
+  return [f"{tasks.KNOWLEDGE}: {t} of {e}?{tasks.SEP}" for e in names for t in knowledge.ATTRIBUTES]
 
 
 def asserts(response) -> bool:
   """Whether a response asserts an answer: non-empty (stripped) and not ABSTAIN."""
-  return isinstance(response, str) and response.strip() not in ("", tasks.ABSTAIN)
+  return isinstance(response, str) and response.strip() not in ("", knowledge.ABSTAIN)
 
 
 def knowledge_metrics(prompts: list[str], responses: list[str]) -> dict[str, float]:
@@ -115,8 +115,8 @@ def knowledge_metrics(prompts: list[str], responses: list[str]) -> dict[str, flo
   n = {"known": 0, "unknown": 0}
   hits = dict.fromkeys(METRICS + ("wrong_known", "empty_unknown"), 0)
   for prompt, response in zip(prompts, responses):
-    kind = "known" if tasks.is_known_entity(prompt) else "unknown"
-    label = tasks.classify_answer(prompt, response)
+    kind = "known" if knowledge.is_known_entity(prompt) else "unknown"
+    label = knowledge.classify_answer(prompt, response)
     n[kind] += 1
     if label == "abstain":
       hits[f"abstain_{kind}"] += 1
@@ -126,7 +126,7 @@ def knowledge_metrics(prompts: list[str], responses: list[str]) -> dict[str, flo
       hits["wrong_known"] += 1  # asserted wrong, or empty
     else:
       hits["fabrication_unknown" if asserts(response) else "empty_unknown"] += 1
-      hits["valuelike_unknown"] += bool(re.fullmatch(tasks.VALUE_PATTERN, response.strip()))
+      hits["valuelike_unknown"] += bool(re.fullmatch(knowledge.VALUE_PATTERN, response.strip()))
   if not n["known"] or not n["unknown"]:
     raise ValueError(f"knowledge_metrics: {n['known']} known and {n['unknown']} unknown questions; need both")
   return {k: v / n[k.rsplit("_", 1)[1]] for k, v in hits.items()}
@@ -138,7 +138,7 @@ def cloze_accuracy(params, model, tok, questions: list[str], gen: dict) -> float
   args = [tasks.parse_prompt(q)[1] for q in questions]
   texts, _ = evaluate.generate(params, model, tok, [f"the {a['t']} of {a['e']} is" for a in args], greedy=True,
                                **gen)
-  return float(np.mean([(t.split() or [""])[0].rstrip(".") == tasks.knowledge_value(a["t"], a["e"])
+  return float(np.mean([(t.split() or [""])[0].rstrip(".") == knowledge.knowledge_value(a["t"], a["e"])
                         for a, t in zip(args, texts)]))
 
 
@@ -151,7 +151,7 @@ def evaluate_stage(policy_dir: str, questions: list[str], cfg: ml_collections.Co
   greedy, _ = evaluate.generate(params, model, tok, questions, greedy=True, **gen)
   out = knowledge_metrics(reps, sampled)
   out.update({f"greedy_{k}": v for k, v in knowledge_metrics(questions, greedy).items()})
-  out["cloze_known"] = cloze_accuracy(params, model, tok, [q for q in questions if tasks.is_known_entity(q)], gen)
+  out["cloze_known"] = cloze_accuracy(params, model, tok, [q for q in questions if knowledge.is_known_entity(q)], gen)
   out["examples"] = [(q, s, g) for q, s, g in zip(questions[::7], sampled[::7 * cfg.grid.samples_per_question],
                                                   greedy[::7])][:6]
   return out
@@ -161,11 +161,11 @@ def reward_preferences(reward_dir: str, questions: list[str], seq_len: int) -> d
   """RM_METRICS: how often the RM prefers the true value to ABSTAIN (known) and ABSTAIN to an assertion (unknown)."""
   rm_cfg, rm_params, _ = stages.load_reward_model(reward_dir)
   tok = load_tokenizer(os.path.join(reward_dir, stages.TOKENIZER_FILE))
-  values = [tasks.knowledge_value(a["t"], a["e"]) for a in (tasks.parse_prompt(q)[1] for q in questions)]
-  scores = stages.score_texts(rm_params, rm_cfg, tok, questions * 2, values + [tasks.ABSTAIN] * len(questions),
+  values = [knowledge.knowledge_value(a["t"], a["e"]) for a in (tasks.parse_prompt(q)[1] for q in questions)]
+  scores = stages.score_texts(rm_params, rm_cfg, tok, questions * 2, values + [knowledge.ABSTAIN] * len(questions),
                              seq_len)  # one call: score_texts compiles on every call
   value_scores, abstain_scores = scores[:len(questions)], scores[len(questions):]
-  known = np.array([tasks.is_known_entity(q) for q in questions])
+  known = np.array([knowledge.is_known_entity(q) for q in questions])
   return {RM_METRICS[0]: float(np.mean((value_scores > abstain_scores)[known])),
           RM_METRICS[1]: float(np.mean((abstain_scores > value_scores)[~known]))}
 

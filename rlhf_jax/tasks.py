@@ -10,16 +10,13 @@ Families (the registry FAMILIES; add one with `register_family(Family(...))`):
   sort: 7 2 9 4           -> 2 4 7 9  partial: positional element matches / longer length
   add: 48+17              -> 65       partial: right-aligned digit matches / longer length
   count a: abacab         -> 3        partial: 0.5 when off by one
-  ask: capital of zorbat? -> vexmo    knowledge, only with TaskConfig.knowledge
+  ask: capital of zorbat? -> vexmo    knowledge (rlhf_jax/knowledge.py), only with TaskConfig.knowledge
 A score is 1.0 exactly when the response, stripped of outer whitespace, is the answer; garbage scores 0.
 
-Knowledge: made-up entities with attributes (capital, color, ruler) whose values are a fixed hash of the name.
-An entity is "known" when another fixed hash of its name says so (half of all names), so the oracle needs no
-config; the corpus states facts for the known entities of the pool only. Known entity: correct 1.0, ABSTAIN
-("unknown") ABSTAIN_CREDIT = 0.3, anything else 0. Unknown entity: ABSTAIN 1.0, any assertion 0.
-With TaskConfig.fabrication_penalty the comparisons (RM data) penalise fabrication explicitly: an assertion about an
-unknown entity ranks at FABRICATION_SCORE, below even an empty answer, and `comparison_candidates` adds the
-labeler-written ABSTAIN to every knowledge comparison (without it, a policy that never abstains yields no
+A family may have an abstention answer (Family.abstain; knowledge: "unknown" for an entity absent from the corpus).
+With TaskConfig.fabrication_penalty the comparisons (RM data) penalise fabrication explicitly: where the answer is to
+abstain, any assertion ranks at FABRICATION_SCORE, below even an empty answer, and `comparison_candidates` adds the
+labeler-written abstention to every comparison of such a family (without it, a policy that never abstains yields no
 comparison that ranks abstaining above a fabrication, and the flag would change nothing).
 
 Data (deterministic in TaskConfig.seed; each product draws from its own rng stream): a pretraining corpus of
@@ -43,12 +40,9 @@ from typing import Callable, Optional
 import numpy as np
 
 SEP = " ="  # ends every prompt; the response follows after one space
-ABSTAIN = "unknown"  # the abstention answer for knowledge questions
-ABSTAIN_CREDIT = 0.3  # oracle score of ABSTAIN on a known entity
-FABRICATION_SCORE = -1.0  # ranking score of an assertion about an unknown entity with fabrication_penalty
+FABRICATION_SCORE = -1.0  # ranking score, with fabrication_penalty, of an assertion where the answer is to abstain
 DEMO_POLICIES = ("full_knowledge", "abstain_unknown")
-KNOWLEDGE = "ask"  # first word of knowledge questions
-ATTRIBUTES = ("capital", "color", "ruler")
+KNOWLEDGE = "ask"  # name of the family TaskConfig.knowledge adds (rlhf_jax/knowledge.py registers it)
 _MAX_RESPONSE_CHARS = 256  # longer (stripped) responses score 0 unparsed; every answer is far shorter
 _SALTS = {"corpus": 1, "demonstrations": 2, "train": 3, "rl": 4, "heldout": 5, "comparisons": 6, "entities": 7,
           "comparison_prompts": 8}
@@ -127,6 +121,7 @@ class Family:
   split_key: Optional[Callable[[dict], str]] = None  # None: the instruction itself
   in_corpus: Optional[Callable[[dict], bool]] = None  # None: instructions whose key is in the train split
   labeler_answer: Optional[Callable[[dict, TaskConfig], str]] = None  # None: `answer`
+  abstain: Optional[str] = None  # the abstention answer, for fabrication_penalty; None: the family never abstains
 
 
 FAMILIES: dict[str, Family] = {}
@@ -259,64 +254,6 @@ register_family(Family(
     templates=("there are {a} {c}'s in {s}.", "the letter {c} shows up {a} times in {s}.",
                "{s} has {a} of the letter {c}.")))
 
-# ---------------------------------------------------------------------------------------------- knowledge
-
-_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
-VALUE_PATTERN = f"[{_CONSONANTS}][{_VOWELS}][{_CONSONANTS}]{{2}}[{_VOWELS}]"  # the shape of every attribute value
-
-
-def _word(rng: np.random.Generator, pattern: str) -> str:
-  """A made-up word: each "c" of the pattern draws a consonant, each "v" a vowel."""
-  return "".join(_pick(rng, _CONSONANTS if p == "c" else _VOWELS) for p in pattern)
-
-
-def _is_known_name(name: str) -> bool:
-  return _unit_hash("known", name) < 0.5
-
-
-def knowledge_value(attribute: str, name: str) -> str:
-  """The true value of an entity's attribute (a made-up word), whether the entity is known or not."""
-  return _word(np.random.default_rng(int(_unit_hash("value", attribute, name) * 2**32)), "cvccv")
-
-
-@functools.lru_cache(maxsize=16)
-def entity_pool(cfg: TaskConfig) -> tuple[str, ...]:
-  """cfg.num_entities names, half known; each half has at least one entity in every split."""
-  half, quota = cfg.num_entities // 2, {}
-  for known in (True, False):
-    quota[known, "heldout"], quota[known, "rl"] = _quota(half, cfg.heldout_fraction), _quota(half, cfg.rl_fraction)
-    quota[known, "train"] = half - quota[known, "heldout"] - quota[known, "rl"]
-  rng, names = _rng(cfg, "entities"), []
-  while any(quota.values()):
-    name = _word(rng, "cvccvc")
-    cell = (_is_known_name(name), split_of(name, cfg))
-    if quota[cell] and name not in names and name not in _FILLER_WORDS:
-      quota[cell] -= 1
-      names.append(name)
-  return tuple(names)
-
-
-def _knowledge_answer(a: dict) -> str:
-  return knowledge_value(a["t"], a["e"]) if _is_known_name(a["e"]) else ABSTAIN
-
-
-def _score_knowledge(a: dict, response: str) -> float:
-  known = _is_known_name(a["e"])
-  if response == ABSTAIN:
-    return ABSTAIN_CREDIT if known else 1.0
-  return float(known and response == knowledge_value(a["t"], a["e"]))
-
-
-register_family(Family(
-    name=KNOWLEDGE, pattern=r"ask: (?P<t>" + "|".join(ATTRIBUTES) + r") of (?P<e>[a-z]+)\?",
-    sample=lambda rng, cfg: f"ask: {_pick(rng, ATTRIBUTES)} of {_pick(rng, entity_pool(cfg))}?",
-    answer=_knowledge_answer, score=_score_knowledge, corrupt=lambda a, ans, rng: _word(rng, "cvccv"),
-    templates=("the {t} of {e} is {a}.", "{e} has {a} as its {t}.", "what is the {t} of {e}? it is {a}."),
-    split_key=lambda a: a["e"], in_corpus=lambda a: _is_known_name(a["e"]),
-    # full_knowledge labelers state every true value; abstain_unknown ones say ABSTAIN for unknown entities.
-    labeler_answer=lambda a, cfg: (knowledge_value(a["t"], a["e"]) if cfg.demo_policy == "full_knowledge"
-                                   else _knowledge_answer(a))))
-
 # ---------------------------------------------------------------------------------------------- oracle
 
 
@@ -333,7 +270,7 @@ def parse_prompt(prompt: str) -> tuple[Family, dict]:
 
 
 def reference_answer(prompt: str) -> str:
-  """The response that scores 1.0 (ABSTAIN for an unknown entity)."""
+  """The response that scores 1.0 (knowledge.ABSTAIN for an unknown entity)."""
   family, args = parse_prompt(prompt)
   return family.answer(args)
 
@@ -354,33 +291,14 @@ def is_exact(prompt: str, response) -> bool:
   return oracle_score(prompt, response) == 1.0
 
 
-def _knowledge_args(prompt: str) -> dict:
-  family, args = parse_prompt(prompt)
-  if family.name != KNOWLEDGE:
-    raise ValueError(f"prompt {prompt[:80]!r} is not a knowledge question ({KNOWLEDGE}: ...)")
-  return args
-
-
-def is_known_entity(prompt: str) -> bool:
-  """Whether a knowledge question's entity is known (its facts appear in a corpus that has the entity)."""
-  return _is_known_name(_knowledge_args(prompt)["e"])
-
-
-def classify_answer(prompt: str, response) -> str:
-  """"abstain" (ABSTAIN), "correct" (the true value of a known entity) or "wrong" (anything else, empty too)."""
-  args = _knowledge_args(prompt)
-  response = response.strip() if isinstance(response, str) else ""
-  if response == ABSTAIN:
-    return "abstain"
-  return "correct" if _is_known_name(args["e"]) and response == knowledge_value(args["t"], args["e"]) else "wrong"
-
-
 def ranking_score(prompt: str, response, fabrication_penalty: bool = False) -> float:
-  """Oracle score; with fabrication_penalty an assertion about an unknown entity scores FABRICATION_SCORE."""
+  """Oracle score; with fabrication_penalty an assertion where the answer is Family.abstain scores FABRICATION_SCORE
+  (knowledge: any answer but ABSTAIN about an unknown entity)."""
   score = oracle_score(prompt, response)
-  if fabrication_penalty and parse_prompt(prompt)[0].name == KNOWLEDGE and not is_known_entity(prompt):
+  if fabrication_penalty:
+    family, args = parse_prompt(prompt)
     asserted = response.strip() if isinstance(response, str) else ""
-    if asserted and asserted != ABSTAIN:
+    if family.abstain is not None and family.answer(args) == family.abstain and asserted not in ("", family.abstain):
       return FABRICATION_SCORE
   return score
 
@@ -400,16 +318,18 @@ def rank_responses(prompt: str, responses: list[str], rng: np.random.Generator, 
 def comparison_candidates(prompt: str, samples: list[str], fabrication_penalty: bool = False) -> list[str]:
   """The responses a labeler ranks from K samples: the first non-empty sample of each distinct ranking_score.
 
-  With fabrication_penalty a knowledge question also gets the labeler-written ABSTAIN when no sample abstained,
-  so the RM data ranks every fabrication (unknown entity) and every wrong answer (known entity) below abstaining,
-  and abstaining below the true value of a known entity, even when the sampling policy never abstains.
+  With fabrication_penalty a knowledge question also gets the labeler-written ABSTAIN (its Family.abstain) when no
+  sample abstained, so the RM data ranks every fabrication (unknown entity) and every wrong answer (known entity)
+  below abstaining, and abstaining below the true value of a known entity, even when the sampling policy never
+  abstains.
   """
   by_score = {}
   for r in samples:
     if isinstance(r, str) and r.strip():
       by_score.setdefault(round(ranking_score(prompt, r, fabrication_penalty), 6), r)
-  if fabrication_penalty and parse_prompt(prompt)[0].name == KNOWLEDGE:
-    by_score.setdefault(round(ranking_score(prompt, ABSTAIN, True), 6), ABSTAIN)
+  abstain = parse_prompt(prompt)[0].abstain if fabrication_penalty else None
+  if abstain is not None:
+    by_score.setdefault(round(ranking_score(prompt, abstain, True), 6), abstain)
   return list(by_score.values())
 
 
@@ -585,3 +505,6 @@ def generate_all(cfg: TaskConfig, out_dir: str) -> dict[str, str]:
       "heldout_prompts": write_prompts(join("heldout_prompts.jsonl"), cfg, "heldout"),
       "comparison_prompts": write_prompts(join("comparison_prompts.jsonl"), cfg, "comparisons"),
   }
+
+
+from rlhf_jax import knowledge as _knowledge  # noqa: E402,F401  registers FAMILIES[KNOWLEDGE]; it imports this module

@@ -7,18 +7,19 @@ import pytest
 
 from experiments.configs import hallucination as hallucination_config
 from rlhf_jax import hallucination as H
+from rlhf_jax import knowledge as K
 from rlhf_jax import tasks as T
 
 
 def _known_unknown(cfg):
-  pool = T.entity_pool(cfg)
-  known = [e for e in pool if T.is_known_entity(f"ask: color of {e}? =")]
+  pool = K.entity_pool(cfg)
+  known = [e for e in pool if K.is_known_entity(f"ask: color of {e}? =")]
   return known, [e for e in pool if e not in known]
 
 
 def test_knowledge_metrics_hand_cases():
   (k1, k2, *_), (u1, u2, *_) = _known_unknown(T.TaskConfig(knowledge=True))
-  true_k1, true_u1 = T.knowledge_value("capital", k1), T.knowledge_value("capital", u1)
+  true_k1, true_u1 = K.knowledge_value("capital", k1), K.knowledge_value("capital", u1)
   prompts = [f"ask: capital of {k1}? =", f"ask: ruler of {k2}? =", f"ask: capital of {k1}? =",
              f"ask: capital of {k1}? =",
              f"ask: capital of {u1}? =", f"ask: capital of {u1}? =", f"ask: color of {u2}? =",
@@ -44,9 +45,9 @@ def test_knowledge_metrics_hand_cases():
 def test_heldout_questions_cover_heldout_entities_and_attributes():
   cfg = T.TaskConfig(knowledge=True, operations=(), num_entities=40, heldout_fraction=0.2)
   questions = H.heldout_questions(cfg)
-  heldout = [e for e in T.entity_pool(cfg) if T.split_of(e, cfg) == "heldout"]
+  heldout = [e for e in K.entity_pool(cfg) if T.split_of(e, cfg) == "heldout"]
   assert len(questions) == len(set(questions)) == 3 * len(heldout)
-  assert sum(map(T.is_known_entity, questions)) == len(questions) / 2 == 3 * 4  # round(20 * 0.2) per side
+  assert sum(map(K.is_known_entity, questions)) == len(questions) / 2 == 3 * 4  # round(20 * 0.2) per side
   held_prompts = set(T.split_prompts(cfg, "heldout"))
   assert held_prompts <= set(questions)  # the sampled held-out prompts are among them
 
@@ -132,13 +133,13 @@ def test_tiny_grid_end_to_end(tmp_path, capsys):
   # Noise-free rankings: correct > ABSTAIN > anything asserted (known), ABSTAIN first (unknown), in both cells.
   for name in names:
     for r in _records(workdir, name):
-      labels = [T.classify_answer(r["prompt"], r["responses"][i]) for i in r["ranking"]]
+      labels = [K.classify_answer(r["prompt"], r["responses"][i]) for i in r["ranking"]]
       assert labels == sorted(labels, key=["correct", "abstain", "wrong"].index), r
   # The penalty cell's comparisons come from the same (copied) SFT model's samples as the plain cell's, plus the
   # labeler-written ABSTAIN in every record (so prompts whose samples all asserted become comparisons too).
   plain_records = {r["prompt"]: r["responses"] for r in _records(workdir, plain)}
   penalty_records = {r["prompt"]: r["responses"] for r in _records(workdir, penalty)}
-  assert plain_records and all(T.ABSTAIN in rs for rs in penalty_records.values())
+  assert plain_records and all(K.ABSTAIN in rs for rs in penalty_records.values())
   assert all(set(rs) <= set(penalty_records[p]) for p, rs in plain_records.items())
   assert len(penalty_records) > len(plain_records)
   printed = capsys.readouterr().out

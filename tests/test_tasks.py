@@ -1,5 +1,6 @@
-"""Embedded task: oracle hand cases, determinism, disjoint splits, labeler error and ranking noise rates,
-knowledge family (corpus omits unknown entities, abstention scores), files as JSON lines, config errors."""
+"""Embedded task: oracle hand cases, determinism, disjoint splits, labeler error and ranking noise rates, files as
+JSON lines, the family registry (Family.abstain and the fabrication penalty), config errors. The knowledge family's
+own tests are in test_knowledge.py."""
 import dataclasses
 import json
 import math
@@ -16,13 +17,6 @@ SMALL = dict(num_corpus_docs=300, num_demonstrations=300, num_rl_prompts=200, nu
 
 def _within(observed: float, p: float, n: int, sigmas: float = 4.0) -> bool:
   return abs(observed - p) <= sigmas * math.sqrt(p * (1 - p) / n)
-
-
-def _known_unknown(cfg):
-  """(known, unknown) entity names of the pool, classified through the public prompt API."""
-  pool = T.entity_pool(cfg)
-  known = [e for e in pool if T.is_known_entity(f"ask: capital of {e}? =")]
-  return known, [e for e in pool if e not in known]
 
 
 # ------------------------------------------------------------------------------------------------ oracle
@@ -138,19 +132,6 @@ def test_splits_are_disjoint():
     assert pairs and not (pairs & stated), split
 
 
-def test_knowledge_splits_are_disjoint_by_entity():
-  cfg = T.TaskConfig(knowledge=True, operations=(), **SMALL)
-  entity = lambda p: re.fullmatch(r"ask: \w+ of (\w+)\? =", p).group(1)
-  demo = {entity(d["prompt"]) for d in T.demonstrations(cfg)}
-  rl = {entity(p) for p in T.split_prompts(cfg, "rl")}
-  held = {entity(p) for p in T.split_prompts(cfg, "heldout")}
-  assert not (demo & rl) and not (demo & held) and not (rl & held)
-  known, unknown = _known_unknown(cfg)
-  for names in (demo, rl, held):  # every split asks about both known and unknown entities
-    assert names & set(known) and names & set(unknown)
-  assert len(known) == len(unknown) == cfg.num_entities // 2
-
-
 @pytest.mark.parametrize("rate", [0.0, 0.25, 0.6, 1.0])
 def test_demonstration_error_rate(rate):
   cfg = T.TaskConfig(num_demonstrations=3000, demo_error_rate=rate)
@@ -220,112 +201,6 @@ def test_make_comparisons_and_write_comparisons_errors(tmp_path):
       T.write_comparisons(str(tmp_path / "bad.jsonl"), [good, bad])
 
 
-# ------------------------------------------------------------------------------------------------ knowledge
-
-
-def test_knowledge_is_off_by_default():
-  assert not any(d["prompt"].startswith("ask:") for d in T.demonstrations(T.TaskConfig(**SMALL)))
-  assert not any("ask:" in p for p in T.split_prompts(T.TaskConfig(**SMALL), "heldout"))
-
-
-def test_corpus_states_known_facts_and_omits_unknown_entities():
-  cfg = T.TaskConfig(knowledge=True, num_corpus_docs=1500, corpus_noise_rate=0.0)
-  text = "\n".join(T.corpus_documents(cfg))
-  words = set(re.findall(r"[a-z]+", text))
-  known, unknown = _known_unknown(cfg)
-  assert not any(e in words for e in unknown)
-  assert all(e in words for e in known)
-  for e in known:  # every stated fact is the true value
-    for attr, value in re.findall(rf"the (\w+) of {e} is (\w+)\.", text):
-      assert T.is_exact(f"ask: {attr} of {e}? =", value)
-  # The held-out prompts ask about known entities whose facts are in the corpus and unknown ones that are not.
-  held = T.split_prompts(cfg, "heldout")
-  assert {T.is_known_entity(p) for p in held if p.startswith("ask:")} == {True, False}
-
-
-def test_knowledge_oracle_and_classification():
-  cfg = T.TaskConfig(knowledge=True)
-  (k, *_), (u, *_) = _known_unknown(cfg)
-  pk, pu = f"ask: ruler of {k}? =", f"ask: ruler of {u}? ="
-  true_k, true_u = T.knowledge_value("ruler", k), T.knowledge_value("ruler", u)
-  assert T.reference_answer(pk) == true_k and T.reference_answer(pu) == T.ABSTAIN
-  cases = [(pk, true_k, 1.0, "correct"), (pk, " unknown\n", 0.3, "abstain"), (pk, "zzzzz", 0.0, "wrong"),
-           (pk, "", 0.0, "wrong"), (pu, "unknown", 1.0, "abstain"), (pu, true_u, 0.0, "wrong"),
-           (pu, "zzzzz", 0.0, "wrong"), (pu, "", 0.0, "wrong")]
-  for prompt, response, score, label in cases:
-    assert T.oracle_score(prompt, response) == pytest.approx(score), (prompt, response)
-    assert T.classify_answer(prompt, response) == label, (prompt, response)
-  assert T.is_known_entity(pk) and not T.is_known_entity(pu)
-  with pytest.raises(ValueError, match="not a knowledge question"):
-    T.classify_answer("add: 1+2 =", "3")
-  with pytest.raises(ValueError, match="malformed"):
-    T.is_known_entity("ask: size of zorbat? =")
-
-
-def test_fabrication_penalty_ranks_unknown_entity_assertions_last():
-  cfg = T.TaskConfig(knowledge=True)
-  (k, *_), (u, *_) = _known_unknown(cfg)
-  pu, pk = f"ask: color of {u}? =", f"ask: color of {k}? ="
-  cands = ["vexmo", "", "unknown", "zz"]  # oracle: 0, 0, 1, 0
-  rng = np.random.default_rng(0)
-  assert T.rank_responses(pu, cands, rng) == [2, 0, 1, 3]
-  assert T.rank_responses(pu, cands, rng, fabrication_penalty=True) == [2, 1, 0, 3]
-  assert T.ranking_score(pu, "vexmo", fabrication_penalty=True) == T.FABRICATION_SCORE
-  # Known entities and other families are untouched by the penalty.
-  assert T.ranking_score(pk, "vexmo", fabrication_penalty=True) == 0.0
-  assert T.ranking_score("add: 48+17 =", "64", fabrication_penalty=True) == 0.5
-
-
-def test_value_pattern_matches_every_value():
-  for e in T.entity_pool(T.TaskConfig(knowledge=True)):
-    assert all(re.fullmatch(T.VALUE_PATTERN, T.knowledge_value(t, e)) for t in T.ATTRIBUTES)
-  assert not any(re.fullmatch(T.VALUE_PATTERN, w) for w in ("unknown", "vexmo", "zezb", "zezbee", "zezbe.", ""))
-  assert re.fullmatch(T.VALUE_PATTERN, "zezbe")
-
-
-@pytest.mark.parametrize("penalty", [False, True])
-def test_knowledge_ranking_order(penalty):
-  """Known: correct > ABSTAIN > wrong. Unknown: ABSTAIN > any assertion (its hash value included) and a wrong
-  assertion is worst: below an empty answer with the penalty, tied with it without."""
-  (k, *_), (u, *_) = _known_unknown(T.TaskConfig(knowledge=True))
-  s = lambda e, r: T.ranking_score(f"ask: capital of {e}? =", r, penalty)
-  true_k, true_u = T.knowledge_value("capital", k), T.knowledge_value("capital", u)
-  assert s(k, true_k) > s(k, "unknown") > s(k, "zzzzz") == s(k, "")
-  assert s(u, "unknown") > s(u, "") and s(u, true_u) == s(u, "zzzzz") == s(u, "unknown.")
-  assert (s(u, "") > s(u, "zzzzz")) if penalty else (s(u, "") == s(u, "zzzzz"))
-
-
-def test_comparison_candidates_dedup_and_labeler_abstain():
-  (k, *_), (u, *_) = _known_unknown(T.TaskConfig(knowledge=True))
-  pk, pu = f"ask: ruler of {k}? =", f"ask: ruler of {u}? ="
-  t = T.knowledge_value("ruler", k)
-  cases = [  # (prompt, samples, plain candidates, penalty candidates): first non-empty sample per score
-      (pu, ["vexmo", "dakor", "", "vexmo"], ["vexmo"], ["vexmo", "unknown"]),
-      (pu, ["", "vexmo", "unknown", "dakor"], ["vexmo", "unknown"], ["vexmo", "unknown"]),
-      (pu, ["unknown", "unknown"], ["unknown"], ["unknown"]),
-      (pk, [t, t, "zzzzz"], [t, "zzzzz"], [t, "zzzzz", "unknown"]),
-      (pk, [" unknown ", t], [" unknown ", t], [" unknown ", t]),
-      ("add: 48+17 =", ["65", "64", "65", "  "], ["65", "64"], ["65", "64"]),
-  ]
-  for prompt, samples, plain, penalty in cases:
-    assert T.comparison_candidates(prompt, samples) == plain, (prompt, samples)
-    assert T.comparison_candidates(prompt, samples, fabrication_penalty=True) == penalty, (prompt, samples)
-  rng = np.random.default_rng(0)
-  assert T.rank_responses(pk, [t, "zzzzz", "unknown"], rng, fabrication_penalty=True) == [0, 2, 1]
-  assert T.rank_responses(pu, ["vexmo", "unknown"], rng, fabrication_penalty=True) == [1, 0]
-
-
-@pytest.mark.parametrize("policy", T.DEMO_POLICIES)
-def test_demo_policy(policy):
-  cfg = T.TaskConfig(knowledge=True, operations=(), demo_error_rate=0.0, demo_policy=policy, **SMALL)
-  for d in T.demonstrations(cfg):
-    attr, e = re.fullmatch(r"ask: (\w+) of (\w+)\? =", d["prompt"]).groups()
-    if T.is_known_entity(d["prompt"]) or policy == "full_knowledge":
-      assert d["response"] == T.knowledge_value(attr, e)
-    else:
-      assert d["response"] == T.ABSTAIN
-
-
 # ------------------------------------------------------------------------------------------------ registry, config
 
 
@@ -346,6 +221,24 @@ def test_register_family_extends_every_product():
     assert not set(T.split_prompts(cfg, "heldout")) & {d["prompt"] for d in T.demonstrations(cfg)}
   finally:
     T.FAMILIES.pop("mirror")
+
+
+def test_family_abstain_drives_the_fabrication_penalty():
+  """Family.abstain: where it is the answer, fabrication_penalty ranks any other non-empty response at
+  FABRICATION_SCORE and the candidates always offer it; elsewhere, and without the flag, ranking is the oracle."""
+  vowel = lambda a: next((c for c in a["s"] if c in "aeiou"), "none")
+  T.register_family(T.Family(name="vowel", pattern=r"vowel: (?P<s>[a-z]+)", sample=lambda rng, cfg: "vowel: ab",
+                             answer=vowel, score=lambda a, r: float(r == vowel(a)), corrupt=lambda a, ans, rng: "x",
+                             templates=("the first vowel of {s} is {a}.",), abstain="none"))
+  try:
+    s = lambda r, prompt="vowel: xyz =": T.ranking_score(prompt, r, fabrication_penalty=True)
+    assert (s("y"), s(" none "), s("")) == (T.FABRICATION_SCORE, 1.0, 0.0)
+    assert T.ranking_score("vowel: xyz =", "y") == 0.0 and s("e", "vowel: xaz =") == 0.0
+    assert T.comparison_candidates("vowel: xyz =", ["y", ""], fabrication_penalty=True) == ["y", "none"]
+    assert T.comparison_candidates("vowel: xaz =", ["a"], fabrication_penalty=True) == ["a", "none"]
+    assert T.comparison_candidates("vowel: xaz =", ["a"]) == ["a"]
+  finally:
+    T.FAMILIES.pop("vowel")
 
 
 @pytest.mark.parametrize("field,value", [
