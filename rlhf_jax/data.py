@@ -76,7 +76,8 @@ def comparison_pieces(record: dict, tok: Tokenizer, seq_len: int, max_responses:
   """One piece: the record's K sequences [bos] + prompt + response + [eos] (each <= seq_len) and their ranks."""
   k = len(record["responses"])
   if k > max_responses:
-    raise ValueError(f"{record['origin']}: {k} responses but max_responses={max_responses}")
+    raise ValueError(f"{record['origin']}: {k} responses but max_responses={max_responses} (config "
+                     f"data.max_responses: raise it to the most responses a record has)")
   responses = [tok.encode(r) + [tok.eos_id] for r in record["responses"]]
   prompt = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1 + max(map(len, responses)), seq_len,
                                       truncate, record["origin"], f"seq_len={seq_len}")

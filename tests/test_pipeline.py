@@ -12,7 +12,7 @@ from rlhf_jax import evaluate, pipeline, stages
 def _tiny_config():
   cfg = pipeline_config.get_config()
   cfg.task.update(dict(num_corpus_docs=300, num_demonstrations=120, num_rl_prompts=40, num_heldout_prompts=16,
-                       num_comparison_prompts=30))
+                       num_comparison_prompts=30, num_candidates=5))  # K > the RM's default Kmax of 4
   cfg.model.update(dict(d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=1))
   cfg.tokenizer.vocab_size = 400
   for stage, steps in (("pretrain", 8), ("sft", 8), ("reward", 8), ("rl", 2)):
@@ -23,7 +23,7 @@ def _tiny_config():
   cfg.pretrain.data.seq_len = cfg.sft.data.seq_len = 48
   cfg.rl.data.ptx_batch_size = 8
   cfg.comparisons.update(dict(num_prompts=60, num_heldout=8, temperature=1.5))
-  cfg.ppo.update(dict(rollout_batch=8, minibatches=2, max_new_tokens=8, sample_every=1))
+  cfg.ppo.update(dict(rollout_batch=8, group_size=2, minibatches=2, max_new_tokens=8, sample_every=1))
   cfg.eval.num_prompts = 8
   return cfg
 
@@ -63,6 +63,8 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, capsys):
   ranked = pipeline.comparison_prompts(_tiny_config(), paths, "train")
   assert len(own) == 30 and ranked == list(dict.fromkeys(own + demo))[:60] and ranked[:30] == own
   assert "loglik" in stages.load_reward_model(os.path.join(workdir, "reward"))[1]  # the default RM's feature
+  records = [json.loads(line) for line in open(os.path.join(workdir, "data", "comparisons_train.jsonl"))]
+  assert max(len(r["responses"]) for r in records) == 5  # the RM's Kmax follows task.num_candidates
   ppo_rows = [json.loads(line) for line in open(os.path.join(workdir, "ppo", "metrics.jsonl"))]
   assert len(ppo_rows) == 2 and all("oracle" in r and "kl" in r and "score" in r for r in ppo_rows)
 
