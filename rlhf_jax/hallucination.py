@@ -54,11 +54,11 @@ def config() -> ml_collections.ConfigDict:
   cfg.reward.train.num_steps = cfg.reward.train.checkpoint_every = 200
   cfg.rl.train.num_steps = cfg.rl.train.checkpoint_every = 60  # PPO iterations
   cfg.comparisons.num_prompts = 600  # > the 180 distinct train questions (60 entities × 3): all of them
-  # The pipeline defaults of the measured grid (BENCHMARKS.md), kept when the pipeline's own moved on 2026-12-01:
+  # The pipeline defaults of the measured grid (BENCHMARKS.md), kept when the pipeline's own moved (2026-12-01/02):
   cfg.task.num_comparison_prompts, cfg.task.num_rl_prompts = 0, 1000  # comparisons on the demonstrations' prompts
   cfg.reward.loss.update(dict(loglik_feature=False, lm_coef=0.0))  # the plain scalar-head RM
   cfg.reward.opt.lr, cfg.rl.opt.lr = 3e-4, 1e-4
-  cfg.ppo.update(dict(rollout_batch=64, ppo_epochs=4, kl_coef=1.0, kl_horizon=1000))
+  cfg.ppo.update(dict(rollout_batch=64, ppo_epochs=4, kl_coef=1.0, kl_horizon=1000, group_size=1))  # a critic
   cfg.pretrain.train.num_steps = cfg.pretrain.train.checkpoint_every = 600
   cfg.rl.data.prompt_len = 24
   cfg.ppo.max_new_tokens = 8  # answers are one word

@@ -69,7 +69,7 @@ def config() -> ml_collections.ConfigDict:
       token_head=False))  # score += Σ_t u(h_t) over the response tokens
   cfg.rl = _stage(steps=100, lr=1e-4, batch_size=16, seq_len=64, warmup=20)  # PPO: train.num_steps = iterations
   cfg.rl.data = ml_collections.ConfigDict(dict(
-      prompt_len=16,  # P, prompts left-padded to this many tokens (the task's longest: 16 with bos)
+      prompt_len=16,  # P, prompts left-padded to this many tokens (the task's longest: 16 with bos at vocab 512)
       ptx_seq_len=64,  # packed pretraining rows for the ptx term
       ptx_batch_size=16))  # ptx rows per PPO iteration
   cfg.rl.train.log_every = 10

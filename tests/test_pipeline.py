@@ -22,6 +22,7 @@ def _tiny_config():
     cfg[stage].data.batch_size = 8
   cfg.pretrain.data.seq_len = cfg.sft.data.seq_len = 48
   cfg.rl.data.ptx_batch_size = 8
+  cfg.rl.data.prompt_len = 24  # a 400-piece tokenizer splits prompts finer than the default's 512
   cfg.comparisons.update(dict(num_prompts=60, num_heldout=8, temperature=1.5))
   cfg.ppo.update(dict(rollout_batch=8, group_size=2, minibatches=2, max_new_tokens=8, sample_every=1))
   cfg.eval.num_prompts = 8
@@ -39,8 +40,10 @@ def _snapshot(workdir):
   return out
 
 
-def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, capsys):
+def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, capsys, monkeypatch):
   workdir = str(tmp_path / "demo")
+  reward_cfgs, run_reward = [], stages.run_reward
+  monkeypatch.setattr(stages, "run_reward", lambda cfg, wd: reward_cfgs.append(cfg) or run_reward(cfg, wd))
   results = pipeline.run(_tiny_config(), workdir)
   assert set(results["stages"]) == {"pretrain", "sft", "ppo"}
   for stage, m in results["stages"].items():
@@ -63,8 +66,7 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, capsys):
   ranked = pipeline.comparison_prompts(_tiny_config(), paths, "train")
   assert len(own) == 30 and ranked == list(dict.fromkeys(own + demo))[:60] and ranked[:30] == own
   assert "loglik" in stages.load_reward_model(os.path.join(workdir, "reward"))[1]  # the default RM's feature
-  records = [json.loads(line) for line in open(os.path.join(workdir, "data", "comparisons_train.jsonl"))]
-  assert max(len(r["responses"]) for r in records) == 5  # the RM's Kmax follows task.num_candidates
+  assert [c.data.max_responses for c in reward_cfgs] == [5]  # the RM's Kmax follows task.num_candidates
   ppo_rows = [json.loads(line) for line in open(os.path.join(workdir, "ppo", "metrics.jsonl"))]
   assert len(ppo_rows) == 2 and all("oracle" in r and "kl" in r and "score" in r for r in ppo_rows)
 
