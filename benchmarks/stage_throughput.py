@@ -21,7 +21,7 @@ from benchmarks import common
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlhf_jax import data, losses, model, optimizer, parallel, stages, tasks, trainer  # noqa: E402
+from rlhf_jax import data, losses, model, optimizer, parallel, rankings, stages, tasks, trainer  # noqa: E402
 from rlhf_jax.tokenizer import train_tokenizer  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def task_files(out_dir: str) -> dict[str, str]:
       prompts.append(prompt)
       candidates.append([best, best[::-1] + " ", best[: max(1, len(best) // 2)], best + " " + best])
   paths["comparisons"] = tasks.write_comparisons(os.path.join(out_dir, "comparisons.jsonl"),
-                                                 tasks.make_comparisons(prompts, candidates, cfg))
+                                                 rankings.make_comparisons(prompts, candidates, cfg))
   return paths
 
 

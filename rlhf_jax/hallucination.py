@@ -6,7 +6,7 @@ worse). Here the task is knowledge questions only (`ask: capital of zorbat? =`);
 for the "known" entities and never names the others. The grid crosses `TaskConfig.demo_policy` ("full_knowledge":
 labelers state every true value; "abstain_unknown": they answer ABSTAIN for entities absent from the corpus) with
 `TaskConfig.fabrication_penalty` (plain oracle ranking vs the explicit penalty, which also puts a labeler-written
-ABSTAIN into every knowledge comparison: `tasks.comparison_candidates`).
+ABSTAIN into every knowledge comparison: `rankings.comparison_candidates`).
 
 Each cell is one `pipeline.run` workdir, `workdir/<policy>-<plain|penalty>`. Cells share pretraining (the first
 cell's finished pretrain/ and tokenizer/ are copied into the others) and, per demonstration policy, the SFT model

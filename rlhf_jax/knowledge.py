@@ -8,7 +8,7 @@ names), so the oracle needs no config; the corpus states facts for the known ent
 correct 1.0, ABSTAIN ("unknown") ABSTAIN_CREDIT = 0.3, anything else 0. Unknown entity: ABSTAIN 1.0, any assertion 0.
 Labelers answer by TaskConfig.demo_policy: "full_knowledge" ones state every true value, "abstain_unknown" ones say
 ABSTAIN for unknown entities. The family's Family.abstain is ABSTAIN, so with TaskConfig.fabrication_penalty the
-comparisons rank an assertion about an unknown entity at tasks.FABRICATION_SCORE and always offer ABSTAIN.
+comparisons rank an assertion about an unknown entity at rankings.FABRICATION_SCORE and always offer ABSTAIN.
 
 Importing this module registers the family as tasks.FAMILIES[tasks.KNOWLEDGE]; tasks imports it last, so the family
 is there whenever tasks is loaded, and TaskConfig.knowledge adds it to every product.

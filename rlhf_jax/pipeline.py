@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import evaluate, metrics, ppo, stages, tasks
+from rlhf_jax import evaluate, metrics, ppo, rankings, stages, tasks
 from rlhf_jax.tokenizer import train_tokenizer
 
 
@@ -129,7 +129,7 @@ def comparison_prompts(cfg, paths: dict, split: str) -> list[str]:
 
 
 def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str:
-  """K SFT samples per prompt ranked by the noisy oracle (`tasks.comparison_candidates`: empty answers and equal
+  """K SFT samples per prompt ranked by the noisy oracle (`rankings.comparison_candidates`: empty answers and equal
   oracle scores dropped, so every pair has a true preference up to the label noise)."""
   path = os.path.join(workdir, "data", f"comparisons_{split}.jsonl")
   if os.path.exists(path):
@@ -143,10 +143,10 @@ def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str
   rng = np.random.default_rng([task_cfg.seed, 7 if split == "train" else 8])
   records = []
   for i, prompt in enumerate(prompts):
-    candidates = tasks.comparison_candidates(prompt, texts[i * K:(i + 1) * K], task_cfg.fabrication_penalty)
+    candidates = rankings.comparison_candidates(prompt, texts[i * K:(i + 1) * K], task_cfg.fabrication_penalty)
     if len(candidates) >= 2:
-      ranking = tasks.rank_responses(prompt, candidates, rng, task_cfg.comparison_noise_rate,
-                                     task_cfg.fabrication_penalty)
+      ranking = rankings.rank_responses(prompt, candidates, rng, task_cfg.comparison_noise_rate,
+                                        task_cfg.fabrication_penalty)
       records.append({"prompt": prompt, "responses": candidates, "ranking": ranking})
   if not records and split == "train":
     raise ValueError(f"comparisons: for every one of {len(prompts)} prompts the {K} SFT samples scored the same "

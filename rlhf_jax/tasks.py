@@ -13,19 +13,16 @@ Families (the registry FAMILIES; add one with `register_family(Family(...))`):
   ask: capital of zorbat? -> vexmo    knowledge (rlhf_jax/knowledge.py), only with TaskConfig.knowledge
 A score is 1.0 exactly when the response, stripped of outer whitespace, is the answer; garbage scores 0.
 
-A family may have an abstention answer (Family.abstain; knowledge: "unknown" for an entity absent from the corpus).
-With TaskConfig.fabrication_penalty the comparisons (RM data) penalise fabrication explicitly: where the answer is to
-abstain, any assertion ranks at FABRICATION_SCORE, below even an empty answer, and `comparison_candidates` adds the
-labeler-written abstention to every comparison of such a family (without it, a policy that never abstains yields no
-comparison that ranks abstaining above a fabrication, and the flag would change nothing).
+A family may have an abstention answer (Family.abstain; knowledge: "unknown" for an entity absent from the corpus),
+which TaskConfig.fabrication_penalty uses in the comparisons (rlhf_jax/rankings.py: how labelers rank K responses).
 
 Data (deterministic in TaskConfig.seed; each product draws from its own rng stream): a pretraining corpus of
-informal, noisy statements among filler sentences; labeler demonstrations, a fraction plausibly wrong;
-RL and held-out prompts; comparisons ranking K sampled responses with label noise. A prompt's split key (the
-instruction, or the entity for knowledge) is hashed with the seed into train / rl / heldout, so the prompt sets
-are disjoint by construction; corpus statements and demonstrations use train keys (knowledge facts: every known
-entity, since appearing in the corpus is what "known" means). Prompts repeat within a split when its space is
-small (knowledge, add).
+informal, noisy statements among filler sentences; labeler demonstrations, a fraction plausibly wrong; RL and
+held-out prompts; comparisons ranking K sampled responses with label noise (rankings.make_comparisons; the writer,
+write_comparisons, is here with the others). A prompt's split key (the instruction, or the entity for knowledge) is
+hashed with the seed into train / rl / heldout, so the prompt sets are disjoint by construction; corpus statements
+and demonstrations use train keys (knowledge facts: every known entity, since appearing in the corpus is what
+"known" means). Prompts repeat within a split when its space is small (knowledge, add).
 """
 from __future__ import annotations
 
@@ -40,7 +37,6 @@ from typing import Callable, Optional
 import numpy as np
 
 SEP = " ="  # ends every prompt; the response follows after one space
-FABRICATION_SCORE = -1.0  # ranking score, with fabrication_penalty, of an assertion where the answer is to abstain
 DEMO_POLICIES = ("full_knowledge", "abstain_unknown")
 KNOWLEDGE = "ask"  # name of the family TaskConfig.knowledge adds (rlhf_jax/knowledge.py registers it)
 _MAX_RESPONSE_CHARS = 256  # longer (stripped) responses score 0 unparsed; every answer is far shorter
@@ -72,7 +68,7 @@ class TaskConfig:
   knowledge: bool = False  # add the knowledge family
   demo_policy: str = "full_knowledge"  # labelers answer unknown entities: "full_knowledge" | "abstain_unknown"
   num_entities: int = 60  # knowledge entity pool, half known
-  fabrication_penalty: bool = False  # comparisons rank assertions about unknown entities at FABRICATION_SCORE
+  fabrication_penalty: bool = False  # comparisons rank assertions about unknown entities at rankings.FABRICATION_SCORE
 
   def __post_init__(self):
     object.__setattr__(self, "operations", tuple(self.operations))  # a ConfigDict may hand over a list
@@ -289,62 +285,6 @@ def oracle_score(prompt: str, response) -> float:
 def is_exact(prompt: str, response) -> bool:
   """Whether the response is the reference answer (oracle score 1.0)."""
   return oracle_score(prompt, response) == 1.0
-
-
-def ranking_score(prompt: str, response, fabrication_penalty: bool = False) -> float:
-  """Oracle score; with fabrication_penalty an assertion where the answer is Family.abstain scores FABRICATION_SCORE
-  (knowledge: any answer but ABSTAIN about an unknown entity)."""
-  score = oracle_score(prompt, response)
-  if fabrication_penalty:
-    family, args = parse_prompt(prompt)
-    asserted = response.strip() if isinstance(response, str) else ""
-    if family.abstain is not None and family.answer(args) == family.abstain and asserted not in ("", family.abstain):
-      return FABRICATION_SCORE
-  return score
-
-
-def rank_responses(prompt: str, responses: list[str], rng: np.random.Generator, noise_rate: float = 0.0,
-                   fabrication_penalty: bool = False) -> list[int]:
-  """Response indices best first by ranking_score (ties: lower index first); with probability noise_rate one
-  uniformly chosen adjacent pair of ranks is swapped."""
-  scores = [ranking_score(prompt, r, fabrication_penalty) for r in responses]
-  order = sorted(range(len(responses)), key=lambda i: (-scores[i], i))
-  if len(order) > 1 and rng.random() < noise_rate:
-    i = int(rng.integers(len(order) - 1))
-    order[i], order[i + 1] = order[i + 1], order[i]
-  return order
-
-
-def comparison_candidates(prompt: str, samples: list[str], fabrication_penalty: bool = False) -> list[str]:
-  """The responses a labeler ranks from K samples: the first non-empty sample of each distinct ranking_score.
-
-  With fabrication_penalty a knowledge question also gets the labeler-written ABSTAIN (its Family.abstain) when no
-  sample abstained, so the RM data ranks every fabrication (unknown entity) and every wrong answer (known entity)
-  below abstaining, and abstaining below the true value of a known entity, even when the sampling policy never
-  abstains.
-  """
-  by_score = {}
-  for r in samples:
-    if isinstance(r, str) and r.strip():
-      by_score.setdefault(round(ranking_score(prompt, r, fabrication_penalty), 6), r)
-  abstain = parse_prompt(prompt)[0].abstain if fabrication_penalty else None
-  if abstain is not None:
-    by_score.setdefault(round(ranking_score(prompt, abstain, True), 6), abstain)
-  return list(by_score.values())
-
-
-def make_comparisons(prompts: list[str], responses: list[list[str]], cfg: TaskConfig) -> list[dict]:
-  """Comparison records {"prompt", "responses", "ranking"} for K sampled responses per prompt."""
-  if len(prompts) != len(responses):
-    raise ValueError(f"make_comparisons: {len(prompts)} prompts but {len(responses)} response lists")
-  rng, records = _rng(cfg, "comparisons"), []
-  for i, (prompt, candidates) in enumerate(zip(prompts, responses)):
-    if len(candidates) != cfg.num_candidates:
-      raise ValueError(f"responses[{i}] has {len(candidates)} candidates; TaskConfig.num_candidates="
-                       f"{cfg.num_candidates}")
-    ranking = rank_responses(prompt, list(candidates), rng, cfg.comparison_noise_rate, cfg.fabrication_penalty)
-    records.append({"prompt": prompt, "responses": list(candidates), "ranking": ranking})
-  return records
 
 
 def format_example(prompt: str, response: str) -> str:

@@ -53,14 +53,14 @@ def stage_env(devices: int = 4) -> dict[str, str]:
 
 def task_files(root: str) -> dict[str, str]:
   """The embedded task's files (TASK sizes) plus ranked comparisons (4 candidates per demonstration prompt)."""
-  from rlhf_jax import tasks
+  from rlhf_jax import rankings, tasks
   cfg = tasks.TaskConfig(**TASK)
   files = tasks.generate_all(cfg, os.path.join(root, "task"))
   with open(files["demonstrations"]) as f:
     prompts = [json.loads(line)["prompt"] for line in f][:120]
   fillers = ("yes.", "the old dog ran.", "note: red boat")
   candidates = [[tasks.reference_answer(p), tasks.reference_answer(p)[::-1] + " 7", *fillers[:2]] for p in prompts]
-  records = tasks.make_comparisons(prompts, candidates, cfg)
+  records = rankings.make_comparisons(prompts, candidates, cfg)
   files["comparisons"] = tasks.write_comparisons(os.path.join(root, "task", "comparisons.jsonl"), records)
   return files
 

@@ -1,11 +1,10 @@
 """Knowledge family: splits disjoint by entity, the corpus states known facts and omits unknown entities, the
-oracle's abstention scores and answer classes, fabrication-penalty ranking and candidates, demo policies, and the
-family registered whichever of tasks and knowledge is imported first."""
+oracle's abstention scores and answer classes, demo policies, and the family registered whichever of tasks and
+knowledge is imported first. Its ranking (fabrication penalty, candidates) is tested in test_rankings.py."""
 import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from rlhf_jax import knowledge as K
@@ -74,57 +73,11 @@ def test_knowledge_oracle_and_classification():
     K.is_known_entity("ask: size of zorbat? =")
 
 
-def test_fabrication_penalty_ranks_unknown_entity_assertions_last():
-  cfg = T.TaskConfig(knowledge=True)
-  (k, *_), (u, *_) = _known_unknown(cfg)
-  pu, pk = f"ask: color of {u}? =", f"ask: color of {k}? ="
-  cands = ["vexmo", "", "unknown", "zz"]  # oracle: 0, 0, 1, 0
-  rng = np.random.default_rng(0)
-  assert T.rank_responses(pu, cands, rng) == [2, 0, 1, 3]
-  assert T.rank_responses(pu, cands, rng, fabrication_penalty=True) == [2, 1, 0, 3]
-  assert T.ranking_score(pu, "vexmo", fabrication_penalty=True) == T.FABRICATION_SCORE
-  # Known entities and other families are untouched by the penalty.
-  assert T.ranking_score(pk, "vexmo", fabrication_penalty=True) == 0.0
-  assert T.ranking_score("add: 48+17 =", "64", fabrication_penalty=True) == 0.5
-
-
 def test_value_pattern_matches_every_value():
   for e in K.entity_pool(T.TaskConfig(knowledge=True)):
     assert all(re.fullmatch(K.VALUE_PATTERN, K.knowledge_value(t, e)) for t in K.ATTRIBUTES)
   assert not any(re.fullmatch(K.VALUE_PATTERN, w) for w in ("unknown", "vexmo", "zezb", "zezbee", "zezbe.", ""))
   assert re.fullmatch(K.VALUE_PATTERN, "zezbe")
-
-
-@pytest.mark.parametrize("penalty", [False, True])
-def test_knowledge_ranking_order(penalty):
-  """Known: correct > ABSTAIN > wrong. Unknown: ABSTAIN > any assertion (its hash value included) and a wrong
-  assertion is worst: below an empty answer with the penalty, tied with it without."""
-  (k, *_), (u, *_) = _known_unknown(T.TaskConfig(knowledge=True))
-  s = lambda e, r: T.ranking_score(f"ask: capital of {e}? =", r, penalty)
-  true_k, true_u = K.knowledge_value("capital", k), K.knowledge_value("capital", u)
-  assert s(k, true_k) > s(k, "unknown") > s(k, "zzzzz") == s(k, "")
-  assert s(u, "unknown") > s(u, "") and s(u, true_u) == s(u, "zzzzz") == s(u, "unknown.")
-  assert (s(u, "") > s(u, "zzzzz")) if penalty else (s(u, "") == s(u, "zzzzz"))
-
-
-def test_comparison_candidates_dedup_and_labeler_abstain():
-  (k, *_), (u, *_) = _known_unknown(T.TaskConfig(knowledge=True))
-  pk, pu = f"ask: ruler of {k}? =", f"ask: ruler of {u}? ="
-  t = K.knowledge_value("ruler", k)
-  cases = [  # (prompt, samples, plain candidates, penalty candidates): first non-empty sample per score
-      (pu, ["vexmo", "dakor", "", "vexmo"], ["vexmo"], ["vexmo", "unknown"]),
-      (pu, ["", "vexmo", "unknown", "dakor"], ["vexmo", "unknown"], ["vexmo", "unknown"]),
-      (pu, ["unknown", "unknown"], ["unknown"], ["unknown"]),
-      (pk, [t, t, "zzzzz"], [t, "zzzzz"], [t, "zzzzz", "unknown"]),
-      (pk, [" unknown ", t], [" unknown ", t], [" unknown ", t]),
-      ("add: 48+17 =", ["65", "64", "65", "  "], ["65", "64"], ["65", "64"]),
-  ]
-  for prompt, samples, plain, penalty in cases:
-    assert T.comparison_candidates(prompt, samples) == plain, (prompt, samples)
-    assert T.comparison_candidates(prompt, samples, fabrication_penalty=True) == penalty, (prompt, samples)
-  rng = np.random.default_rng(0)
-  assert T.rank_responses(pk, [t, "zzzzz", "unknown"], rng, fabrication_penalty=True) == [0, 2, 1]
-  assert T.rank_responses(pu, ["vexmo", "unknown"], rng, fabrication_penalty=True) == [1, 0]
 
 
 @pytest.mark.parametrize("policy", T.DEMO_POLICIES)

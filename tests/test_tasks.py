@@ -1,6 +1,6 @@
-"""Embedded task: oracle hand cases, determinism, disjoint splits, labeler error and ranking noise rates, files as
-JSON lines, the family registry (Family.abstain and the fabrication penalty), config errors. The knowledge family's
-own tests are in test_knowledge.py."""
+"""Embedded task: oracle hand cases, determinism, disjoint splits, labeler and corpus error rates, files as JSON
+lines (comparisons checked), the family registry, config errors. The knowledge family's own tests are in
+test_knowledge.py; ranking and the fabrication penalty in test_rankings.py."""
 import dataclasses
 import json
 import math
@@ -154,43 +154,10 @@ def test_corpus_noise_rate_and_character_coverage():
   assert "\n" not in "".join(T.corpus_documents(full))
 
 
-# ------------------------------------------------------------------------------------------------ comparisons
+# ------------------------------------------------------------------------------------------------ comparisons file
 
 
-def test_ranking_zero_noise_follows_oracle_with_index_ties():
-  rng = np.random.default_rng(0)
-  # scores by hand: "a9x3k" 1, "a9x3q" 4/5, "zzzzz" 0, "" 0, "a9x" 3/5
-  assert T.rank_responses("reverse: k3x9a =", ["zzzzz", "a9x3q", "", "a9x3k", "a9x"], rng) == [3, 1, 4, 0, 2]
-  assert T.rank_responses("add: 48+17 =", ["x", "y", "65", "z"], rng) == [2, 0, 1, 3]
-  cfg = T.TaskConfig(comparison_noise_rate=0.0, **SMALL)
-  ps = T.split_prompts(cfg, "rl")[:50]
-  cands = [[T.reference_answer(p)[:k] for k in (1, 3, 0, 99)] for p in ps]
-  for rec in T.make_comparisons(ps, cands, cfg):
-    scores = [T.oracle_score(rec["prompt"], r) for r in rec["responses"]]
-    assert all(scores[i] >= scores[j] for i, j in zip(rec["ranking"], rec["ranking"][1:]))
-
-
-@pytest.mark.parametrize("noise", [0.1, 0.3])
-def test_ranking_noise_swaps_adjacent_ranks_at_rate(noise):
-  cfg = T.TaskConfig(comparison_noise_rate=noise)
-  prompt, cands = "reverse: k3x9a =", ["a9x", "a9x3k", "", "a9x3q"]  # scores 3/5, 1, 0, 4/5
-  clean = [1, 3, 0, 2]
-  n = 4000
-  records = T.make_comparisons([prompt] * n, [cands] * n, cfg)
-  changed = [r["ranking"] for r in records if r["ranking"] != clean]
-  assert _within(len(changed) / n, noise, n)
-  for ranking in changed:  # exactly one adjacent pair swapped
-    diff = [i for i in range(4) if ranking[i] != clean[i]]
-    assert len(diff) == 2 and diff[1] == diff[0] + 1 and ranking[diff[0]] == clean[diff[1]]
-  assert records == T.make_comparisons([prompt] * n, [cands] * n, cfg)  # deterministic
-
-
-def test_make_comparisons_and_write_comparisons_errors(tmp_path):
-  cfg = T.TaskConfig()
-  with pytest.raises(ValueError, match="num_candidates=4"):
-    T.make_comparisons(["add: 1+2 ="], [["3", "4"]], cfg)
-  with pytest.raises(ValueError, match="2 prompts but 1"):
-    T.make_comparisons(["add: 11+2 =", "add: 12+2 ="], [["3"] * 4], cfg)
+def test_write_comparisons_checks_records(tmp_path):
   good = {"prompt": "add: 48+17 =", "responses": ["65", "6"], "ranking": [np.int64(0), 1]}
   path = T.write_comparisons(str(tmp_path / "c.jsonl"), [good])
   assert [json.loads(line) for line in open(path)] == [{"prompt": "add: 48+17 =", "responses": ["65", "6"],
@@ -221,24 +188,6 @@ def test_register_family_extends_every_product():
     assert not set(T.split_prompts(cfg, "heldout")) & {d["prompt"] for d in T.demonstrations(cfg)}
   finally:
     T.FAMILIES.pop("mirror")
-
-
-def test_family_abstain_drives_the_fabrication_penalty():
-  """Family.abstain: where it is the answer, fabrication_penalty ranks any other non-empty response at
-  FABRICATION_SCORE and the candidates always offer it; elsewhere, and without the flag, ranking is the oracle."""
-  vowel = lambda a: next((c for c in a["s"] if c in "aeiou"), "none")
-  T.register_family(T.Family(name="vowel", pattern=r"vowel: (?P<s>[a-z]+)", sample=lambda rng, cfg: "vowel: ab",
-                             answer=vowel, score=lambda a, r: float(r == vowel(a)), corrupt=lambda a, ans, rng: "x",
-                             templates=("the first vowel of {s} is {a}.",), abstain="none"))
-  try:
-    s = lambda r, prompt="vowel: xyz =": T.ranking_score(prompt, r, fabrication_penalty=True)
-    assert (s("y"), s(" none "), s("")) == (T.FABRICATION_SCORE, 1.0, 0.0)
-    assert T.ranking_score("vowel: xyz =", "y") == 0.0 and s("e", "vowel: xaz =") == 0.0
-    assert T.comparison_candidates("vowel: xyz =", ["y", ""], fabrication_penalty=True) == ["y", "none"]
-    assert T.comparison_candidates("vowel: xaz =", ["a"], fabrication_penalty=True) == ["a", "none"]
-    assert T.comparison_candidates("vowel: xaz =", ["a"]) == ["a"]
-  finally:
-    T.FAMILIES.pop("vowel")
 
 
 @pytest.mark.parametrize("field,value", [
