@@ -9,6 +9,7 @@ Command: .venv-bench/bin/python -m benchmarks.ppo_iteration [--iters 4]
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import tempfile
 import time
@@ -30,22 +31,24 @@ def hyper(epochs: int, minibatches: int) -> ppo.Hyper:
                    whiten_advantages=True, ppo_epochs=epochs, minibatches=minibatches)
 
 
-def ours_runner(cfg, policy, reward, prompts_BxP, new_tokens: int, hp: ppo.Hyper):
+def ours_runner(cfg, policy, reward, prompts_BxP, new_tokens: int, hp: ppo.Hyper, *, critic: bool = True,
+                tx=None, eos_id: int | None = None, kl_coef: float = 0.05):
   """(run(n), out): run(n) does n more iterations of our PPO pieces, appending per-iteration phase seconds, CPU
-  seconds and token counts to out (the first iteration compiles)."""
+  seconds, token counts and KL per response token to out (the first iteration compiles). critic=False: no value
+  network (RLOO, hp.group_size > 1); tx defaults to AdamW lr 1e-5, eos_id to the last vocabulary id."""
   models = ppo.Models(cfg, cfg, cfg)
-  tx = optimizer.make_optimizer(optimizer.default_config(lr=1e-5), 1000)
-  trainable = ppo.Trainable(policy=policy, value=reward)
+  tx = tx or optimizer.make_optimizer(optimizer.default_config(lr=1e-5), 1000)
+  trainable = ppo.Trainable(policy=policy, value=reward if critic else None)
   held = {"state": parallel.replicate(ppo.PPOState(jnp.int32(0), trainable, tx.init(trainable),
                                                    jax.random.PRNGKey(0)))}
   frozen_R = parallel.replicate(ppo.Frozen(ref=policy, reward=reward))
-  kl_R, offset_R = parallel.replicate(np.float32(0.05)), parallel.replicate(np.float32(0.0))
-  sampler = sampling.make_sampler(parallel.pmap, cfg, max_new_tokens=new_tokens, eos_id=cfg.vocab_size - 1,
-                                  pad_id=PAD)
+  kl_R, offset_R = parallel.replicate(np.float32(kl_coef)), parallel.replicate(np.float32(0.0))
+  sampler = sampling.make_sampler(parallel.pmap, cfg, max_new_tokens=new_tokens,
+                                  eos_id=cfg.vocab_size - 1 if eos_id is None else eos_id, pad_id=PAD)
   p_score = parallel.pmap(functools.partial(ppo.score_rollout, models=models, ppo=hp))
   p_update = parallel.pmap(functools.partial(ppo.ppo_update, tx=tx, models=models, ppo=hp), donate_argnums=(0,))
   sharded = parallel.shard_batch({"tokens": prompts_BxP, "mask": np.ones_like(prompts_BxP)})
-  out = {"generation": [], "scoring": [], "update": [], "tokens": [], "response": [], "cpu": []}
+  out = collections.defaultdict(list)
 
   def run(n: int) -> None:
     for _ in range(n):
@@ -54,14 +57,15 @@ def ours_runner(cfg, policy, reward, prompts_BxP, new_tokens: int, hp: ppo.Hyper
       c0, t0 = time.process_time(), time.perf_counter()
       samples = jax.block_until_ready(sampler(held["state"].params.policy, sharded["tokens"], sharded["mask"], rngs))
       t1 = time.perf_counter()
-      rollout, _ = jax.block_until_ready(p_score(held["state"].params, frozen_R, samples, kl_R, offset_R))
+      rollout, sums = jax.block_until_ready(p_score(held["state"].params, frozen_R, samples, kl_R, offset_R))
       t2 = time.perf_counter()
       held["state"], update_sums = p_update(held["state"], rollout, None)
       jax.block_until_ready(update_sums)
       t3 = time.perf_counter()
       response = int(np.sum(samples.lengths_B))
       for k, v in (("generation", t1 - t0), ("scoring", t2 - t1), ("update", t3 - t2),
-                   ("cpu", time.process_time() - c0), ("tokens", prompts_BxP.size + response), ("response", response)):
+                   ("cpu", time.process_time() - c0), ("tokens", prompts_BxP.size + response), ("response", response),
+                   ("kl", float(sums["kl"][0][0]) / response)):  # per response token, as TRL's metric
         out[k].append(v)
 
   return run, out
@@ -146,17 +150,18 @@ def trl_iterations(cfg, policy, reward, prompts_BxP, new_tokens: int, hp: ppo.Hy
   return out
 
 
-def report(name: str, r: dict) -> tuple[float, float]:
+def report(name: str, r: dict, scoring_detail: str = "ref/value/reward forwards") -> tuple[float, float]:
   """Prints one side's phase medians (first iteration excluded); returns median tokens per wall and CPU second."""
   it = [g + s + u for g, s, u in zip(r["generation"], r["scoring"], r["update"])]
   steady = slice(1, None)
   rate = float(np.median([t / s for t, s in zip(r["tokens"][steady], it[steady])]))
   cpu_rate = float(np.median([t / c for t, c in zip(r["tokens"][steady], r["cpu"][steady])]))
+  kl = f"mean KL/token {np.mean(r['kl'][steady]):.4f}; " if r.get("kl") else ""
   print(f"  {name:5s} iteration wall {common.spread(it[steady])}, CPU {common.med(r['cpu'][steady]):.2f} s; "
-        f"first iteration (incl. compile) {it[0]:.1f} s")
-  print(f"        generation {common.med(r['generation'][steady]):.3f} s, scoring (ref/value/reward forwards) "
-        f"{common.med(r['scoring'][steady]):.3f} s, update {common.med(r['update'][steady]):.3f} s; "
-        f"response tokens {r['response'][steady]}; {rate:.0f} prompt+response tokens/s", flush=True)
+        f"first iteration (incl. compile / trainer setup) {it[0]:.1f} s")
+  print(f"        generation {common.med(r['generation'][steady]):.3f} s, scoring {common.med(r['scoring'][steady]):.3f}"
+        f" s ({scoring_detail}), update {common.med(r['update'][steady]):.3f} s; response tokens "
+        f"{r['response'][steady]}; {kl}{rate:.0f} prompt+response tokens/s", flush=True)
   return rate, cpu_rate
 
 

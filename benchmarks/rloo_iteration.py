@@ -45,11 +45,11 @@ import time
 from benchmarks import common
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import ppo_iteration  # noqa: E402
 from benchmarks.ppo_iteration import word_tokenizer  # noqa: E402
-from rlhf_jax import hf_import, model, optimizer, parallel, ppo, sampling, stages  # noqa: E402
+from rlhf_jax import hf_import, model, optimizer, ppo, stages  # noqa: E402
 
 PAD, EOS = 0, 1  # word_tokenizer's ids; prompts use ids 2 .. vocab - 2
 KL_COEF, LR = 0.05, 1e-5
@@ -69,40 +69,10 @@ def adamw(updates: int):
 
 
 def ours_runner(cfg, policy, reward, rows_BxP, new_tokens: int, hp: ppo.Hyper, iters: int):
-  """(run(n), out): run(n) does n more RLOO iterations of our pieces (value None), appending per-iteration phase
-  seconds, CPU seconds and token counts to out (the first iteration compiles). rows_BxP: each prompt G times."""
-  models = ppo.Models(cfg, cfg, cfg)
-  tx = adamw(iters * hp.ppo_epochs * hp.minibatches)
-  trainable = ppo.Trainable(policy=policy, value=None)
-  held = {"state": parallel.replicate(ppo.PPOState(jnp.int32(0), trainable, tx.init(trainable),
-                                                   jax.random.PRNGKey(0)))}
-  frozen_R = parallel.replicate(ppo.Frozen(ref=policy, reward=reward))
-  kl_R, offset_R = parallel.replicate(np.float32(KL_COEF)), parallel.replicate(np.float32(0.0))
-  sampler = sampling.make_sampler(parallel.pmap, cfg, max_new_tokens=new_tokens, eos_id=EOS, pad_id=PAD)
-  p_score = parallel.pmap(functools.partial(ppo.score_rollout, models=models, ppo=hp))
-  p_update = parallel.pmap(functools.partial(ppo.ppo_update, tx=tx, models=models, ppo=hp), donate_argnums=(0,))
-  sharded = parallel.shard_batch({"tokens": rows_BxP, "mask": np.ones_like(rows_BxP)})
-  out = collections.defaultdict(list)
-
-  def run(n: int) -> None:
-    for _ in range(n):
-      it = len(out["cpu"])
-      rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1), it), parallel.device_count())
-      c0, t0 = time.process_time(), time.perf_counter()
-      samples = jax.block_until_ready(sampler(held["state"].params.policy, sharded["tokens"], sharded["mask"], rngs))
-      t1 = time.perf_counter()
-      rollout, sums = jax.block_until_ready(p_score(held["state"].params, frozen_R, samples, kl_R, offset_R))
-      t2 = time.perf_counter()
-      held["state"], update_sums = p_update(held["state"], rollout, None)
-      jax.block_until_ready(update_sums)
-      t3 = time.perf_counter()
-      response = int(np.sum(samples.lengths_B))
-      for k, v in (("generation", t1 - t0), ("scoring", t2 - t1), ("update", t3 - t2),
-                   ("cpu", time.process_time() - c0), ("tokens", rows_BxP.size + response), ("response", response),
-                   ("kl", float(sums["kl"][0][0]) / response)):  # per response token, as TRL's metric
-        out[k].append(v)
-
-  return run, out
+  """(run(n), out) of ppo_iteration.ours_runner without a critic, with TRL's optimizer and EOS; rows_BxP: each prompt
+  G times on consecutive rows, as in ppo.run."""
+  return ppo_iteration.ours_runner(cfg, policy, reward, rows_BxP, new_tokens, hp, critic=False,
+                                   tx=adamw(iters * hp.ppo_epochs * hp.minibatches), eos_id=EOS, kl_coef=KL_COEF)
 
 
 def _timed(fn, phases: dict, key, counts: dict | None = None):
@@ -201,21 +171,6 @@ def trl_iterations(cfg, policy, reward, prompts_NxP, new_tokens: int, hp: ppo.Hy
   return out
 
 
-def report(name: str, r: dict, scoring_detail: str) -> tuple[float, float]:
-  """Prints one side's phase medians (first iteration excluded); returns median tokens per wall and CPU second."""
-  it = [g + s + u for g, s, u in zip(r["generation"], r["scoring"], r["update"])]
-  steady = slice(1, None)
-  rate = float(np.median([t / s for t, s in zip(r["tokens"][steady], it[steady])]))
-  cpu_rate = float(np.median([t / c for t, c in zip(r["tokens"][steady], r["cpu"][steady])]))
-  print(f"  {name:5s} iteration wall {common.spread(it[steady])}, CPU {common.med(r['cpu'][steady]):.2f} s; "
-        f"first iteration (incl. compile / trainer setup) {it[0]:.1f} s")
-  print(f"        generation {common.med(r['generation'][steady]):.3f} s, scoring {common.med(r['scoring'][steady]):.3f}"
-        f" s ({scoring_detail}), update {common.med(r['update'][steady]):.3f} s; response tokens "
-        f"{r['response'][steady]}; mean KL/token {np.mean(r['kl'][steady]):.4f}; "
-        f"{rate:.0f} prompt+response tokens/s", flush=True)
-  return rate, cpu_rate
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--prompts", type=int, default=8, help="distinct prompts per rollout batch")
@@ -253,11 +208,11 @@ def main():
     trl = None
   run_ours(1 + args.iters - len(ours["cpu"]))
   print(f"results ({common.load()}):")
-  ours_rate = report("ours", ours, "reference + RM forwards")
+  ours_rate = ppo_iteration.report("ours", ours, "reference + RM forwards")
   if trl is not None:
     detail = (f"policy {common.med(trl['policy_forward'][1:]):.3f} + reference "
               f"{common.med(trl['ref_forward'][1:]):.3f} + RM {common.med(trl['reward'][1:]):.3f} s")
-    trl_rate = report("TRL", trl, detail)
+    trl_rate = ppo_iteration.report("TRL", trl, detail)
     print(f"RATIO ours / TRL RLOOTrainer prompt+response tokens/s = {ours_rate[0] / trl_rate[0]:.2f} wall, "
           f"{ours_rate[1] / trl_rate[1]:.2f} CPU")
     for phase in ("generation", "scoring", "update"):
