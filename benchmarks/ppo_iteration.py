@@ -159,8 +159,8 @@ def report(name: str, r: dict, scoring_detail: str = "ref/value/reward forwards"
   kl = f"mean KL/token {np.mean(r['kl'][steady]):.4f}; " if r.get("kl") else ""
   print(f"  {name:5s} iteration wall {common.spread(it[steady])}, CPU {common.med(r['cpu'][steady]):.2f} s; "
         f"first iteration (incl. compile / trainer setup) {it[0]:.1f} s")
-  print(f"        generation {common.med(r['generation'][steady]):.3f} s, scoring {common.med(r['scoring'][steady]):.3f}"
-        f" s ({scoring_detail}), update {common.med(r['update'][steady]):.3f} s; response tokens "
+  print(f"        generation {common.med(r['generation'][steady]):.3f} s, scoring "
+        f"{common.med(r['scoring'][steady]):.3f} s ({scoring_detail}), update {common.med(r['update'][steady]):.3f} s; response tokens "
         f"{r['response'][steady]}; {kl}{rate:.0f} prompt+response tokens/s", flush=True)
   return rate, cpu_rate
 
