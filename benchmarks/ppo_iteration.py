@@ -165,6 +165,14 @@ def report(name: str, r: dict, scoring_detail: str = "ref/value/reward forwards"
   return rate, cpu_rate
 
 
+def print_ratios(ours: dict, ours_rate: tuple, peer: dict, peer_rate: tuple, peer_name: str, target: str = ""):
+  """The RATIO line (tokens/s, wall and CPU, from `report`'s rates) and TRL / ours per phase (first iteration out)."""
+  print(f"RATIO ours / {peer_name} prompt+response tokens/s = {ours_rate[0] / peer_rate[0]:.2f} wall, "
+        f"{ours_rate[1] / peer_rate[1]:.2f} CPU{target}")
+  for phase in ("generation", "scoring", "update"):
+    print(f"  phase ratio TRL / ours {phase}: {common.med(peer[phase][1:]) / common.med(ours[phase][1:]):.2f}")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   common.generation_args(ap)
@@ -189,11 +197,7 @@ def main():
   print(f"results ({common.load()}):")
   ours_rate = report("ours", ours)
   if trl is not None:
-    trl_rate = report("TRL", trl)
-    print(f"RATIO ours / TRL prompt+response tokens/s = {ours_rate[0] / trl_rate[0]:.2f} wall, "
-          f"{ours_rate[1] / trl_rate[1]:.2f} CPU  (target >= 3)")
-    for phase in ("generation", "scoring", "update"):
-      print(f"  phase ratio TRL / ours {phase}: {common.med(trl[phase][1:]) / common.med(ours[phase][1:]):.2f}")
+    print_ratios(ours, ours_rate, trl, report("TRL", trl), "TRL", "  (target >= 3)")
 
 
 if __name__ == "__main__":

@@ -212,11 +212,7 @@ def main():
   if trl is not None:
     detail = (f"policy {common.med(trl['policy_forward'][1:]):.3f} + reference "
               f"{common.med(trl['ref_forward'][1:]):.3f} + RM {common.med(trl['reward'][1:]):.3f} s")
-    trl_rate = ppo_iteration.report("TRL", trl, detail)
-    print(f"RATIO ours / TRL RLOOTrainer prompt+response tokens/s = {ours_rate[0] / trl_rate[0]:.2f} wall, "
-          f"{ours_rate[1] / trl_rate[1]:.2f} CPU")
-    for phase in ("generation", "scoring", "update"):
-      print(f"  phase ratio TRL / ours {phase}: {common.med(trl[phase][1:]) / common.med(ours[phase][1:]):.2f}")
+    ppo_iteration.print_ratios(ours, ours_rate, trl, ppo_iteration.report("TRL", trl, detail), "TRL RLOOTrainer")
 
 
 if __name__ == "__main__":
