@@ -25,7 +25,10 @@ def lm_loss(params, batch: dict, rng: jax.Array, *, cfg: TransformerConfig):
   mask_BxL = batch["loss_mask"].astype(jnp.float32)
   loss_sum = jnp.sum(nll_BxL * mask_BxL)
   count = jnp.sum(mask_BxL)
-  correct = jnp.sum((jnp.argmax(logits_BxLxV, -1) == batch["targets"]) * mask_BxL)
+  # correct = the target's logit is the largest (a tie for the largest counts): one max over V where argmax's
+  # index-tracking reduction costs 14x more on XLA:CPU (65 vs 5 ms at 4096 x 8192)
+  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+  correct = jnp.sum((target_logit_BxL >= jnp.max(logits_BxLxV, -1)) * mask_BxL)
   return loss_sum, {"loss": (loss_sum, count), "accuracy": (correct, count)}
 
 

@@ -138,28 +138,90 @@ def batched_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL) -> jax
                        mask_BxLxS)
 
 
-def _causal_row(q_KxGxLxE, k_KxLxE, v_KxLxE, seg_L) -> jax.Array:
-  """One row's causal, segment-masked attention in query blocks of Q_BLOCK; out_KxGxLxE."""
-  L, E = q_KxGxLxE.shape[2], q_KxGxLxE.shape[3]
-  out = []
-  for a in range(0, L, Q_BLOCK):
-    b = min(a + Q_BLOCK, L)
-    mask_LxS = attention_mask(jnp.arange(a, b), jnp.arange(b), seg_L[None, a:b], seg_L[None, :b])[0]
-    logits_KxGxLxS = jnp.einsum("kgle,kse->kgls", q_KxGxLxE[:, :, a:b], k_KxLxE[:, :b],
-                                preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
-    logits_KxGxLxS = jnp.where(mask_LxS, logits_KxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_KxGxLxS = jax.nn.softmax(logits_KxGxLxS, axis=-1).astype(v_KxLxE.dtype)
-    out.append(jnp.einsum("kgls,kse->kgle", probs_KxGxLxS, v_KxLxE[:, :b]))
-  return jnp.concatenate(out, axis=2)
+def _query_blocks(L: int) -> list[tuple[int, int]]:
+  return [(a, min(a + Q_BLOCK, L)) for a in range(0, L, Q_BLOCK)]
+
+
+def _block_probs(q_RxKxGxLxE, k_RxKxSxE, seg_RxL, a: int, b: int, lse_RxKxGxL=None):
+  """Scaled scores of queries a..b-1 against keys 0..b-1 (the keys after a block's last row are skipped) and
+  their mask; with the saved log-sum-exp, the softmax probabilities (0 where masked)."""
+  E = q_RxKxGxLxE.shape[-1]
+  mask_Rx1x1xLxS = attention_mask(jnp.arange(a, b), jnp.arange(b), seg_RxL[:, a:b], seg_RxL[:, :b])[:, None, None]
+  s_RxKxGxLxS = jnp.einsum("rkgle,rkse->rkgls", q_RxKxGxLxE[:, :, :, a:b], k_RxKxSxE[:, :, :b],
+                           preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
+  if lse_RxKxGxL is None:
+    return s_RxKxGxLxS, mask_Rx1x1xLxS
+  return jnp.where(mask_Rx1x1xLxS, jnp.exp(s_RxKxGxLxS - lse_RxKxGxL[:, :, :, a:b, None]), 0.0)
+
+
+def _rows_forward(q_RxKxGxLxE, k_RxKxSxE, v_RxKxSxE, seg_RxL):
+  """(out, log-sum-exp of the scores) of R rows, query block by query block; a query with no key (padding)
+  gets out 0."""
+  outs, lses = [], []
+  for a, b in _query_blocks(q_RxKxGxLxE.shape[3]):
+    s_RxKxGxLxS, mask = _block_probs(q_RxKxGxLxE, k_RxKxSxE, seg_RxL, a, b)
+    m_RxKxGxLx1 = jnp.max(jnp.where(mask, s_RxKxGxLxS, -jnp.inf), axis=-1, keepdims=True)
+    m_RxKxGxLx1 = jnp.where(jnp.isfinite(m_RxKxGxLx1), m_RxKxGxLx1, 0.0)
+    p_RxKxGxLxS = jnp.where(mask, jnp.exp(s_RxKxGxLxS - m_RxKxGxLx1), 0.0)
+    l_RxKxGxLx1 = jnp.sum(p_RxKxGxLxS, axis=-1, keepdims=True)
+    pv_RxKxGxLxE = jnp.einsum("rkgls,rkse->rkgle", p_RxKxGxLxS.astype(v_RxKxSxE.dtype), v_RxKxSxE[:, :, :b],
+                              preferred_element_type=jnp.float32)
+    outs.append(pv_RxKxGxLxE / jnp.maximum(l_RxKxGxLx1, jnp.finfo(jnp.float32).tiny))
+    lses.append((m_RxKxGxLx1 + jnp.log(jnp.maximum(l_RxKxGxLx1, jnp.finfo(jnp.float32).tiny)))[..., 0])
+  return jnp.concatenate(outs, axis=3).astype(v_RxKxSxE.dtype), jnp.concatenate(lses, axis=3)
+
+
+def _rows_backward(q_RxKxGxLxE, k_RxKxSxE, v_RxKxSxE, seg_RxL, out_RxKxGxLxE, lse_RxKxGxL, dout_RxKxGxLxE):
+  """Flash-attention backward of R rows from the saved log-sum-exp: P = exp(S − lse), dV = Pᵀ·dO,
+  dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ = dS·K/√E, dK = dSᵀ·Q/√E."""
+  E = q_RxKxGxLxE.shape[-1]
+  f32 = lambda x: x.astype(jnp.float32)
+  q, k, v, do = f32(q_RxKxGxLxE), f32(k_RxKxSxE), f32(v_RxKxSxE), f32(dout_RxKxGxLxE)
+  delta_RxKxGxL = jnp.sum(do * f32(out_RxKxGxLxE), axis=-1)
+  dq_blocks, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
+  for a, b in _query_blocks(q.shape[3]):
+    p_RxKxGxLxS = _block_probs(q, k, seg_RxL, a, b, lse_RxKxGxL)
+    do_b = do[:, :, :, a:b]
+    dv = dv.at[:, :, :b].add(jnp.einsum("rkgls,rkgle->rkse", p_RxKxGxLxS, do_b))
+    dp_RxKxGxLxS = jnp.einsum("rkgle,rkse->rkgls", do_b, v[:, :, :b])
+    ds_RxKxGxLxS = p_RxKxGxLxS * (dp_RxKxGxLxS - delta_RxKxGxL[:, :, :, a:b, None]) / jnp.sqrt(E)
+    dq_blocks.append(jnp.einsum("rkgls,rkse->rkgle", ds_RxKxGxLxS, k[:, :, :b]))
+    dk = dk.at[:, :, :b].add(jnp.einsum("rkgls,rkgle->rkse", ds_RxKxGxLxS, q[:, :, :, a:b]))
+  return (jnp.concatenate(dq_blocks, axis=3).astype(q_RxKxGxLxE.dtype), dk.astype(k_RxKxSxE.dtype),
+          dv.astype(v_RxKxSxE.dtype))
+
+
+def _by_row(fn, *arrays_B):
+  """lax.map of fn over the batch one row at a time (each array gets a leading row axis of 1)."""
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(x[:, None] for x in arrays_B))
+  return jax.tree.map(lambda x: x[:, 0], out)
+
+
+@jax.custom_vjp
+def _flash(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL):
+  return _by_row(_rows_forward, q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL)[0]
+
+
+def _flash_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL):
+  out, lse = _by_row(_rows_forward, q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL)
+  return out, (q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL, out, lse)
+
+
+def _flash_bwd(res, dout_BxKxGxLxE):
+  dq, dk, dv = _by_row(_rows_backward, *res, dout_BxKxGxLxE)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def causal_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL) -> jax.Array:
-  """Full-sequence attention, one row at a time (lax.map) and recomputed in the backward pass (jax.checkpoint):
-  a row's scores stay in cache instead of B·H·L² floats going through memory; keys after a block are skipped."""
+  """Full-sequence attention, one row at a time (lax.map) in query blocks of Q_BLOCK, with a flash-attention
+  backward (custom VJP from the saved log-sum-exp, no softmax recompute): a row's scores stay in cache instead of
+  B·H·L² floats going through memory, and keys after a block are skipped. Queries with no key (padding) give 0."""
   q_BxKxGxLxE = jnp.transpose(q_BxLxKxGxE, (0, 2, 3, 1, 4))
   k_BxKxLxE, v_BxKxLxE = jnp.transpose(k_BxLxKxE, (0, 2, 1, 3)), jnp.transpose(v_BxLxKxE, (0, 2, 1, 3))
-  out_BxKxGxLxE = jax.lax.map(lambda xs: jax.checkpoint(_causal_row)(*xs),
-                              (q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, segment_ids_BxL))
+  out_BxKxGxLxE = _flash(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, segment_ids_BxL.astype(jnp.int32))
   return jnp.transpose(out_BxKxGxLxE, (0, 3, 1, 2, 4))
 
 
@@ -241,7 +303,10 @@ class Transformer(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode: bool = False):
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode: bool = False,
+               logits_slots: tuple[int, int] | None = None):
+    """`logits_slots=(a, b)` applies the output head to slots a..b-1 only (logits_Bx(b-a)xV; h stays BxLxD):
+    a PPO forward needs logits at the response slots, the sampler's prefill at the last one."""
     cfg = self.cfg
     if tokens_BxL.shape[1] > cfg.max_len:
       raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds TransformerConfig.max_len={cfg.max_len}")
@@ -260,10 +325,11 @@ class Transformer(nn.Module):
     for i in range(cfg.num_layers):
       x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL, decode)
     h_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
+    head_in_BxLxD = h_BxLxD if logits_slots is None else h_BxLxD[:, logits_slots[0]:logits_slots[1]]
     if cfg.tie_embeddings:
-      logits_BxLxV = embed.attend(h_BxLxD)
+      logits_BxLxV = embed.attend(head_in_BxLxD)
     else:
-      logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)(h_BxLxD)
+      logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)(head_in_BxLxD)
     return logits_BxLxV.astype(jnp.float32), h_BxLxD
 
 

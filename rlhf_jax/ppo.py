@@ -78,8 +78,10 @@ class Models:
 
 def response_logits(params, cfg: TransformerConfig, seq_BxS, seg_BxS, pos_BxS, T: int):
   """(logits_BxTxV predicting the T response tokens, h_BxTxD of the slots that predict them)."""
-  logits_BxSxV, h_BxSxD = Transformer(cfg).apply({"params": params}, seq_BxS, pos_BxS, seg_BxS)
-  return logits_BxSxV[:, -T - 1:-1], h_BxSxD[:, -T - 1:-1]
+  S = seq_BxS.shape[1]  # the head runs on the T predicting slots only (not on the prompt's)
+  logits_BxTxV, h_BxSxD = Transformer(cfg).apply({"params": params}, seq_BxS, pos_BxS, seg_BxS,
+                                                 logits_slots=(S - T - 1, S - 1))
+  return logits_BxTxV, h_BxSxD[:, -T - 1:-1]
 
 
 def values_of(value_params, cfg: TransformerConfig, seq_BxS, seg_BxS, pos_BxS, T: int):

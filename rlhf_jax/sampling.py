@@ -167,13 +167,13 @@ def _sample_jit(params, prompt_tokens_BxP, prompt_mask_BxP, rng, temperature, *,
   positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
   n_prompt_B = jnp.sum(mask_BxP, axis=1)
   cache = init_cache(cfg, B, P + T - 1)  # the last response token is never fed back
-  (logits_BxPxV, _), state = Transformer(cfg).apply({"params": params, "cache": cache}, tokens_BxP, positions_BxP,
-                                                    mask_BxP, decode=True, mutable=["cache"])
+  (logits_Bx1xV, _), state = Transformer(cfg).apply({"params": params, "cache": cache}, tokens_BxP, positions_BxP,
+                                                    mask_BxP, decode=True, mutable=["cache"], logits_slots=(P - 1, P))
   carry = dict(t=jnp.array(0, jnp.int32), cache=state["cache"], done_B=jnp.zeros((B,), bool),
                tokens_BxT=jnp.full((B, T), opts.pad_id, jnp.int32), logprobs_BxT=jnp.zeros((B, T), jnp.float32),
                sampling_logprobs_BxT=jnp.zeros((B, T), jnp.float32), entropy_BxT=jnp.zeros((B, T), jnp.float32),
                mask_BxT=jnp.zeros((B, T), jnp.int32))
-  c = _decode_loop(params, cfg, carry, logits_BxPxV[:, -1], n_prompt_B, rng, temperature, opts)
+  c = _decode_loop(params, cfg, carry, logits_Bx1xV[:, 0], n_prompt_B, rng, temperature, opts)
   return Samples(
       tokens_BxT=c["tokens_BxT"], logprobs_BxT=c["logprobs_BxT"], sampling_logprobs_BxT=c["sampling_logprobs_BxT"],
       entropy_BxT=c["entropy_BxT"],

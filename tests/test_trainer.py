@@ -152,6 +152,19 @@ def test_sft_mask_ignores_prompt_side_targets():
   assert float(LOSS(params, changed, None)[0]) != float(base)
 
 
+def test_lm_loss_accuracy_counts_masked_targets_with_the_largest_logit():
+  params = init_params(CFG, jax.random.PRNGKey(1))
+  batch = _batch(4)
+  logits = np.asarray(Transformer(CFG).apply({"params": params}, batch["inputs"], batch["positions"],
+                                             batch["segment_ids"])[0])
+  batch["targets"] = batch["targets"].copy()  # (a view of the same tokens as the inputs)
+  batch["targets"][:, ::2] = logits.argmax(-1)[:, ::2]  # half the targets are the model's top token
+  _, aux = LOSS(params, batch, None)
+  want = np.sum((logits.argmax(-1) == batch["targets"]) * batch["loss_mask"])
+  assert 0 < want < batch["loss_mask"].sum()
+  assert float(aux["accuracy"][0]) == want and float(aux["accuracy"][1]) == batch["loss_mask"].sum()
+
+
 def test_batch_not_divisible_by_devices_names_the_field():
   with pytest.raises(ValueError, match=r"data.batch_size=6 .*device count \(4\)"):
     parallel.shard_batch(_batch(0, B=6), "data.batch_size")
