@@ -92,13 +92,43 @@ def filter_logits(logits_BxV: jax.Array, temperature, top_k: int = 0, top_p: flo
   return scaled_BxV
 
 
+BLOCK = 128  # vocabulary entries per block of the two-level argmax and inverse-CDF draw
+
+
+def _blocks_of(x_BxV, fill):
+  """x padded with `fill` to a multiple of BLOCK and split: (x_BxNxC, N, C)."""
+  V = x_BxV.shape[-1]
+  C = min(BLOCK, V)
+  N = -(-V // C)
+  x_BxV = jnp.pad(x_BxV, ((0, 0), (0, N * C - V)), constant_values=fill)
+  return x_BxV.reshape(x_BxV.shape[0], N, C), N, C
+
+
+def argmax_rows(x_BxV) -> jax.Array:
+  """jnp.argmax(x, -1) (the first index of the largest entry) in two levels, block maxima then the winning block:
+  XLA:CPU's index-tracking reduction over all V entries costs 5x more (0.85 vs 0.17 ms at 32 x 8192)."""
+  x_BxNxC, _, C = _blocks_of(x_BxV, -jnp.inf)
+  block_B = jnp.argmax(jnp.max(x_BxNxC, axis=-1), axis=-1)
+  row_BxC = jnp.take_along_axis(x_BxNxC, block_B[:, None, None], axis=1)[:, 0]
+  return (block_B * C + jnp.argmax(row_BxC, axis=-1)).astype(jnp.int32)
+
+
 def inverse_cdf_sample(key, logits_BxV) -> jax.Array:
-  """One draw per row from softmax(logits_BxV): the first index whose cumulative probability reaches u·total,
-  u ~ U(0, 1]. The distribution of jax.random.categorical, from B uniforms instead of B·V Gumbel draws
-  (which cost ~6 ms of each ~20 ms decode step at B=32, V=8192 on CPU)."""
-  cdf_BxV = jnp.cumsum(jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1), axis=-1)
-  u_Bx1 = jax.random.uniform(key, cdf_BxV.shape[:1] + (1,), minval=jnp.finfo(jnp.float32).tiny) * cdf_BxV[:, -1:]
-  return jnp.minimum(jnp.sum(cdf_BxV < u_Bx1, axis=-1), logits_BxV.shape[-1] - 1)
+  """One draw per row from softmax(logits_BxV) by inverse CDF, u ~ U(0, 1] times the total mass: the block whose
+  cumulative mass first reaches u, then the entry of that block whose cumulative mass reaches the remainder.
+  The distribution of jax.random.categorical, from B uniforms instead of B·V Gumbel draws (~6 ms of a ~20 ms
+  decode step at B=32, V=8192 on CPU), and in two levels instead of one cumulative sum over V (0.35 ms a step).
+  An entry of probability 0 is never drawn (the remainder is clipped into the block's (0, mass])."""
+  probs_BxNxC, N, C = _blocks_of(jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1), 0.0)
+  mass_BxN = jnp.sum(probs_BxNxC, axis=-1)
+  cum_BxN = jnp.cumsum(mass_BxN, axis=-1)
+  u_Bx1 = jax.random.uniform(key, cum_BxN.shape[:1] + (1,), minval=jnp.finfo(jnp.float32).tiny) * cum_BxN[:, -1:]
+  block_B = jnp.minimum(jnp.sum(cum_BxN < u_Bx1, axis=-1), N - 1)
+  gather = lambda x_BxN: jnp.take_along_axis(x_BxN, block_B[:, None], axis=1)
+  in_block_BxC = jnp.cumsum(jnp.take_along_axis(probs_BxNxC, block_B[:, None, None], axis=1)[:, 0], axis=-1)
+  rest_Bx1 = jnp.clip(u_Bx1 - (gather(cum_BxN) - gather(mass_BxN)), jnp.finfo(jnp.float32).tiny, in_block_BxC[:, -1:])
+  entry_B = jnp.minimum(jnp.sum(in_block_BxC < rest_Bx1, axis=-1), C - 1)
+  return jnp.minimum(block_B * C + entry_B, logits_BxV.shape[-1] - 1).astype(jnp.int32)
 
 
 def _choose(logits_BxV, key, temperature, opts: _Options):
@@ -106,7 +136,7 @@ def _choose(logits_BxV, key, temperature, opts: _Options):
   sampling logp_B)."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   if opts.greedy:
-    token_B = jnp.argmax(logits_BxV, axis=-1)
+    token_B = argmax_rows(logits_BxV)
     sampling_logp_B = jnp.zeros(token_B.shape, jnp.float32)
   else:
     filtered_BxV = filter_logits(logits_BxV, temperature, opts.top_k, opts.top_p)

@@ -306,3 +306,29 @@ def test_decode_loop_exits_early_when_all_rows_end(monkeypatch):
   S._sample_jit.clear_cache()
   assert steps == list(range(n)) and n < T
   np.testing.assert_array_equal(s.tokens_BxT[0], ref_tokens[:n] + [PAD] * (T - n))
+
+
+@pytest.mark.parametrize("vocab", [5, 128, 1000])
+def test_two_level_argmax_equals_argmax_ties_and_infinities(vocab):
+  rng = np.random.default_rng(vocab)
+  x = rng.integers(-3, 3, (64, vocab)).astype(np.float32)  # many ties: the first largest index must win
+  x[0] = -np.inf  # a fully masked row -> 0, as jnp.argmax
+  x[1, vocab // 2:] = np.inf
+  x[2] = rng.normal(size=vocab)
+  np.testing.assert_array_equal(jax.jit(S.argmax_rows)(jnp.asarray(x)), np.argmax(x, axis=-1))
+
+
+def test_two_level_inverse_cdf_draw_matches_probabilities_and_skips_zeros():
+  """V = 1000 (not a multiple of the 128-entry block): frequencies within 5 sigma, zero-probability entries and
+  blocks never drawn, over 20000 draws of one row."""
+  V_, N = 1000, 20000
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=V_) * 2.0
+  logits[rng.random(V_) < 0.5] = -np.inf  # half the entries impossible
+  logits[256:384] = -np.inf  # and one whole block
+  probs = np.exp(logits - logits[np.isfinite(logits)].max())
+  probs /= probs.sum()
+  draws = jax.jit(S.inverse_cdf_sample)(jax.random.PRNGKey(3), jnp.tile(jnp.asarray(logits, jnp.float32), (N, 1)))
+  freq = np.bincount(np.asarray(draws), minlength=V_) / N
+  assert (freq[probs == 0] == 0).all()
+  assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / N) + 1e-3)
