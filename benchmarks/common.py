@@ -24,6 +24,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every HF model comes from a local directory
 
+from rlhf_jax import host  # noqa: E402  (imports no jax)
+
+# glibc keeps freed memory for both sides of every benchmark (before jax's client and torch's threads exist): XLA
+# faulted its 1 GB per-step temp buffer in again each pretraining step (rlhf_jax/host.py); BENCH_KEEP_MEMORY=0: off
+KEEP_MEMORY = os.environ.get("BENCH_KEEP_MEMORY", "1") != "0" and host.keep_freed_memory()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -51,7 +57,8 @@ def header(title: str) -> None:
   """Prints the benchmark's title, the threads, jax/devices and the machine load."""
   print(f"== {title}")
   print(f"threads {THREADS} (affinity {sorted(os.sched_getaffinity(0))}), jax {jax.__version__} {jax.devices()}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, {load()}",
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+        f"malloc keeps freed memory {KEEP_MEMORY}, {load()}",
         flush=True)
 
 

@@ -7,7 +7,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import parallel
+from rlhf_jax import host, parallel
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs (resumes if present).")
@@ -16,6 +16,9 @@ COORDINATOR = flags.DEFINE_string(
     "default $JAX_COORDINATOR_ADDRESS; empty = single process).")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes ($JAX_NUM_PROCESSES).")
 PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index ($JAX_PROCESS_ID).")
+KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    "keep_host_memory", True, "CPU runs: glibc malloc keeps freed memory for reuse instead of faulting XLA's "
+    "per-step buffers in again (rlhf_jax/host.py; ~20% of a pretraining step here).")
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -45,6 +48,8 @@ def run(stage_fn: Callable[..., dict]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if KEEP_HOST_MEMORY.value and host.cpu_only():  # before jax creates its CPU client (see host.py)
+      logging.info("host memory: glibc malloc keeps freed memory: %s", host.keep_freed_memory())
     parallel.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
     logging.info(parallel.describe_devices())
     try:
