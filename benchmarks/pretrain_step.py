@@ -3,7 +3,7 @@ torch.compile (HF GPT2LMHeadModel with the same weights, AdamW + clipping), GPT-
 T=256, batch 16, vocab 8192. Prints ours / PyTorch-eager (target <= 0.7), achieved FLOP/s as a fraction of the
 measured matmul peak, and where our step's time goes (forward, backward, attention, head + loss, optimizer).
 
-Command: .venv-bench/bin/python -m benchmarks.pretrain_step [--vocab 8192] [--reps 5] [--no-compile]
+Command: .venv-bench/bin/python -m benchmarks.pretrain_step [--vocab 8192] [--reps 5] [--warmup 3] [--no-compile]
 """
 from __future__ import annotations
 
@@ -108,6 +108,8 @@ def main():
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=3, help="untimed calls per side after the first (compiling) one: "
+                  "they also grow the kept malloc heap to its high-water mark (rlhf_jax/host.py)")
   ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
   args = ap.parse_args()
   common.header(f"pretraining step: GPT-2 D=256 L=6 H=8 T={args.seq} batch {args.batch} vocab {args.vocab}")
@@ -131,7 +133,7 @@ def main():
       fns["torch.compile"] = compiled
     except Exception as e:  # noqa: BLE001 (report whatever inductor raises, then go on without it)
       print(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-  times, cpu = common.interleaved(fns, args.reps, warmup=1)
+  times, cpu = common.interleaved(fns, args.reps, warmup=args.warmup)
   flops = common.train_flops(cfg, args.batch, args.seq)
   print(f"step FLOPs (6N·tokens + attention) {flops / 1e9:.1f} G; {common.load()}")
   for name, ts in times.items():

@@ -174,3 +174,15 @@ def test_row_blocked_attention_equals_batched_attention():
                              argnums=(0, 1, 2))(q, k, v)
   for got, want in zip(grads(M.causal_attention), grads(M.batched_attention)):
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)  # gpt2: tied head; llama: untied lm_head
+def test_logits_slots_equal_the_full_logits_sliced(family):
+  cfg = _cfg(family)
+  params = M.init_params(cfg, jax.random.PRNGKey(4))
+  tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 9))
+  logits, h = _apply(cfg, params, tokens)
+  part, h_part = _apply(cfg, params, tokens, logits_slots=(3, 8))
+  assert part.shape == (2, 5, cfg.vocab_size) and part.dtype == jnp.float32
+  np.testing.assert_allclose(part, logits[:, 3:8], atol=1e-6)
+  np.testing.assert_array_equal(h_part, h)
