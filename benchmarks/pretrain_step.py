@@ -108,8 +108,8 @@ def main():
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--warmup", type=int, default=3, help="untimed calls per side after the first (compiling) one: "
-                  "they also grow the kept malloc heap to its high-water mark (rlhf_jax/host.py)")
+  ap.add_argument("--warmup", type=int, default=3, help="untimed calls per side after the first (compiling) one "
+                  "(with BENCH_KEEP_MEMORY=1 they also grow the kept malloc heap to its high-water mark)")
   ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
   args = ap.parse_args()
   common.header(f"pretraining step: GPT-2 D=256 L=6 H=8 T={args.seq} batch {args.batch} vocab {args.vocab}")
