@@ -186,3 +186,29 @@ def test_logits_slots_equal_the_full_logits_sliced(family):
   assert part.shape == (2, 5, cfg.vocab_size) and part.dtype == jnp.float32
   np.testing.assert_allclose(part, logits[:, 3:8], atol=1e-6)
   np.testing.assert_array_equal(h_part, h)
+
+
+def test_cpu_row_path_equals_batched_path_in_the_model(monkeypatch):
+  """At L >= ROWS_MIN_LEN the CPU model takes the row path (flash backward); logits and parameter gradients
+  equal those of the batched path (forced by raising ROWS_MIN_LEN) on a packed, padded batch."""
+  cfg = _cfg("llama", max_len=128)
+  params = M.init_params(cfg, jax.random.PRNGKey(5))
+  L = M.ROWS_MIN_LEN + 4
+  tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, L))
+  seg = np.ones((2, L), np.int32)
+  seg[0, 60:] = 2
+  seg[1, L - 10:] = 0
+  pos = np.concatenate([np.arange(60), np.arange(L - 60)])[None].repeat(2, 0)
+  real = jnp.asarray(seg > 0)
+
+  def loss(p):
+    logits, _ = M.Transformer(cfg).apply({"params": p}, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg))
+    return jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0) ** 2), logits
+
+  (rows_loss, rows_logits), rows_grads = jax.value_and_grad(loss, has_aux=True)(params)
+  monkeypatch.setattr(M, "ROWS_MIN_LEN", 10 ** 6)
+  (batched_loss, batched_logits), batched_grads = jax.value_and_grad(loss, has_aux=True)(params)
+  np.testing.assert_allclose(np.asarray(rows_logits)[seg > 0], np.asarray(batched_logits)[seg > 0], atol=1e-5)
+  np.testing.assert_allclose(rows_loss, batched_loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(rows_grads), jax.tree.leaves(batched_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
