@@ -144,16 +144,13 @@ def _query_blocks(L: int) -> list[tuple[int, int]]:
   return [(a, min(a + Q_BLOCK, L)) for a in range(0, L, Q_BLOCK)]
 
 
-def _block_probs(q_RxKxGxLxE, k_RxKxSxE, seg_RxL, a: int, b: int, lse_RxKxGxL=None):
-  """Scaled scores of queries a..b-1 against keys 0..b-1 (the keys after a block's last row are skipped) and
-  their mask; with the saved log-sum-exp, the softmax probabilities (0 where masked)."""
+def _block_scores(q_RxKxGxLxE, k_RxKxSxE, seg_RxL, a: int, b: int):
+  """(scaled scores, mask) of queries a..b-1 against keys 0..b-1 (the keys after a block's last row are skipped)."""
   E = q_RxKxGxLxE.shape[-1]
   mask_Rx1x1xLxS = attention_mask(jnp.arange(a, b), jnp.arange(b), seg_RxL[:, a:b], seg_RxL[:, :b])[:, None, None]
   s_RxKxGxLxS = jnp.einsum("rkgle,rkse->rkgls", q_RxKxGxLxE[:, :, :, a:b], k_RxKxSxE[:, :, :b],
                            preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
-  if lse_RxKxGxL is None:
-    return s_RxKxGxLxS, mask_Rx1x1xLxS
-  return jnp.where(mask_Rx1x1xLxS, jnp.exp(s_RxKxGxLxS - lse_RxKxGxL[:, :, :, a:b, None]), 0.0)
+  return s_RxKxGxLxS, mask_Rx1x1xLxS
 
 
 def _rows_forward(q_RxKxGxLxE, k_RxKxSxE, v_RxKxSxE, seg_RxL):
@@ -161,7 +158,7 @@ def _rows_forward(q_RxKxGxLxE, k_RxKxSxE, v_RxKxSxE, seg_RxL):
   gets out 0."""
   outs, lses = [], []
   for a, b in _query_blocks(q_RxKxGxLxE.shape[3]):
-    s_RxKxGxLxS, mask = _block_probs(q_RxKxGxLxE, k_RxKxSxE, seg_RxL, a, b)
+    s_RxKxGxLxS, mask = _block_scores(q_RxKxGxLxE, k_RxKxSxE, seg_RxL, a, b)
     m_RxKxGxLx1 = jnp.max(jnp.where(mask, s_RxKxGxLxS, -jnp.inf), axis=-1, keepdims=True)
     m_RxKxGxLx1 = jnp.where(jnp.isfinite(m_RxKxGxLx1), m_RxKxGxLx1, 0.0)
     p_RxKxGxLxS = jnp.where(mask, jnp.exp(s_RxKxGxLxS - m_RxKxGxLx1), 0.0)
@@ -182,7 +179,8 @@ def _rows_backward(q_RxKxGxLxE, k_RxKxSxE, v_RxKxSxE, seg_RxL, out_RxKxGxLxE, ls
   delta_RxKxGxL = jnp.sum(do * f32(out_RxKxGxLxE), axis=-1)
   dq_blocks, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
   for a, b in _query_blocks(q.shape[3]):
-    p_RxKxGxLxS = _block_probs(q, k, seg_RxL, a, b, lse_RxKxGxL)
+    s_RxKxGxLxS, mask = _block_scores(q, k, seg_RxL, a, b)
+    p_RxKxGxLxS = jnp.where(mask, jnp.exp(s_RxKxGxLxS - lse_RxKxGxL[:, :, :, a:b, None]), 0.0)
     do_b = do[:, :, :, a:b]
     dv = dv.at[:, :, :b].add(jnp.einsum("rkgls,rkgle->rkse", p_RxKxGxLxS, do_b))
     dp_RxKxGxLxS = jnp.einsum("rkgle,rkse->rkgls", do_b, v[:, :, :b])
@@ -201,7 +199,7 @@ def _by_row(fn, *arrays_B):
 
 @jax.custom_vjp
 def _flash(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL):
-  return _by_row(_rows_forward, q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL)[0]
+  return _flash_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL)[0]
 
 
 def _flash_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL):
