@@ -33,14 +33,19 @@ def config() -> ml_collections.ConfigDict:
   """The pipeline's config plus `compare` (what to run, the budget) and `methods` (each method's overrides)."""
   cfg = pipeline.config()
   cfg.compare = ml_collections.ConfigDict(dict(
-      run="ppo_gae,rloo,best_of_n",  # methods to run (names of cfg.methods), in table order
-      budget=25600,  # sampled responses per RL method: iterations = budget / ppo.rollout_batch
-      points=4,  # evaluated checkpoints per trained method (frontier), the last one is the table's
+      run="ppo_gae,rloo,grpo,dapo,best_of_n",  # methods to run (names of cfg.methods), in table order
+      budget=19200,  # sampled responses per RL method: iterations = budget / ppo.rollout_batch (75, the pipeline's)
+      points=3,  # evaluated checkpoints per trained method (frontier), the last one is the table's
       best_of_n=(1, 2, 4, 8, 16),  # n of the best-of-n frontier; the largest is the table's row
       eval_samples=4))  # temperature-1 samples per held-out prompt at every frontier point
   cfg.methods = ml_collections.ConfigDict()
   cfg.methods.ppo_gae = _method("rl", ppo={"group_size": 1})  # InstructGPT: critic from the RM, GAE
   cfg.methods.rloo = _method("rl", ppo={})  # the pipeline's default (ppo.group_size=4): leave-one-out baseline
+  cfg.methods.grpo = _method("rl", ppo=dict(  # DeepSeekMath: group-normalised advantage, β·k3 in the loss
+      advantage="grpo", loss_agg="grpo", kl_in="loss", kl_coef=0.04, adaptive_kl=False))
+  cfg.methods.dapo = _method("rl", ppo=dict(  # DAPO: token-mean loss, clip-higher, no KL, dynamic sampling
+      advantage="grpo", loss_agg="dapo", clip_low=0.2, clip_high=0.28, kl_coef=0.0, adaptive_kl=False,
+      drop_equal_groups=True))
   cfg.methods.best_of_n = _method("best_of_n")
   return cfg
 
