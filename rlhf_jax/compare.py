@@ -34,8 +34,8 @@ def config() -> ml_collections.ConfigDict:
   cfg = pipeline.config()
   cfg.compare = ml_collections.ConfigDict(dict(
       run="ppo_gae,rloo,grpo,dapo,best_of_n",  # methods to run (names of cfg.methods), in table order
-      budget=19200,  # sampled responses per RL method: iterations = budget / ppo.rollout_batch (75, the pipeline's)
-      points=3,  # evaluated checkpoints per trained method (frontier), the last one is the table's
+      budget=25600,  # sampled responses per RL method: iterations = budget / ppo.rollout_batch (100)
+      points=4,  # evaluated checkpoints per trained method (frontier), the last one is the table's
       best_of_n=(1, 2, 4, 8, 16),  # n of the best-of-n frontier; the largest is the table's row
       eval_samples=4))  # temperature-1 samples per held-out prompt at every frontier point
   cfg.methods = ml_collections.ConfigDict()

@@ -43,7 +43,7 @@ def config() -> ml_collections.ConfigDict:
       seed=0,  # every generated file is a function of this seed
       num_corpus_docs=12000,  # pretraining documents
       num_demonstrations=8000,  # labeler (prompt, response) pairs for SFT (2000: SFT greedy 0.64 instead of 0.79)
-      num_rl_prompts=12800,  # PPO prompts (no other stage trains on them): 75 iterations x 64 prompts use 4800
+      num_rl_prompts=12800,  # PPO prompts (no other stage trains on them): 60 iterations x 64 prompts use 3840
       num_heldout_prompts=200,  # evaluation prompts (no stage trains on them)
       num_comparison_prompts=8000,   # the RM's own train-split prompts, ranked before the demonstrations' prompts
       demo_error_rate=0.25,  # share of wrong demonstrations (writing is hard)
@@ -55,19 +55,20 @@ def config() -> ml_collections.ConfigDict:
   cfg.tokenizer = ml_collections.ConfigDict(dict(
       vocab_size=512,  # upper bound for char models (they take what the corpus has)
       model_type="bpe"))  # sentencepiece model type: bpe | unigram | char | word
-  cfg.pretrain = _stage(steps=300, lr=2e-3, batch_size=32, seq_len=64)  # next-token on the corpus (was 500)
-  cfg.sft = _stage(steps=500, lr=1e-3, batch_size=32, seq_len=64)  # demonstrations, loss on responses (was 800)
+  cfg.pretrain = _stage(steps=500, lr=2e-3, batch_size=32, seq_len=64)  # next-token on the corpus
+  cfg.sft = _stage(steps=800, lr=1e-3, batch_size=32, seq_len=64)  # demonstrations, loss on responses
   cfg.comparisons = ml_collections.ConfigDict(dict(
-      num_prompts=8000,  # prompts whose K SFT samples are ranked for RM training (3000: held-out accuracy 0.71)
+      num_prompts=4000,  # prompts whose K SFT samples are ranked for RM training (was 8000; 200 RM steps x 16
+      #                    records use 3200)
       num_heldout=200,  # held-out prompts ranked the same way for the RM's held-out accuracy
       temperature=1.0))  # sampling temperature of the candidates
-  cfg.reward = _stage(steps=300, lr=5e-4, batch_size=16, seq_len=48)  # Bradley–Terry on the comparisons (was 500)
+  cfg.reward = _stage(steps=200, lr=5e-4, batch_size=16, seq_len=48)  # Bradley–Terry on the comparisons (was 500)
   cfg.reward.data.max_responses = 0  # Kmax, rows of a packed batch element; 0 = task.num_candidates
   cfg.reward.loss = ml_collections.ConfigDict(dict(
       lm_coef=1.0,  # + next-token loss on each best response (keeps the likelihood feature a language model)
       loglik_feature=True,  # score += a · log π_backbone(response | prompt), a learned (off: 0.70 vs 0.80-0.83)
       token_head=False))  # score += Σ_t u(h_t) over the response tokens
-  cfg.rl = _stage(steps=75, lr=1e-4, batch_size=16, seq_len=64, warmup=20)  # PPO: num_steps = iterations (was 100)
+  cfg.rl = _stage(steps=60, lr=1e-4, batch_size=16, seq_len=64, warmup=20)  # PPO: num_steps = iterations (was 100)
   cfg.rl.data = ml_collections.ConfigDict(dict(
       prompt_len=16,  # P, prompts left-padded to this many tokens (the task's longest: 16 with bos at vocab 512)
       ptx_seq_len=64,  # packed pretraining rows for the ptx term
