@@ -33,7 +33,7 @@ def config() -> ml_collections.ConfigDict:
   """The pipeline's config plus `compare` (what to run, the budget) and `methods` (each method's overrides)."""
   cfg = pipeline.config()
   cfg.compare = ml_collections.ConfigDict(dict(
-      run="ppo_gae,rloo,grpo,dapo,best_of_n",  # methods to run (names of cfg.methods), in table order
+      run="ppo_gae,rloo,grpo,dapo,dpo,ipo,best_of_n",  # methods to run (names of cfg.methods), in table order
       budget=25600,  # sampled responses per RL method: iterations = budget / ppo.rollout_batch (100)
       points=4,  # evaluated checkpoints per trained method (frontier), the last one is the table's
       best_of_n=(1, 2, 4, 8, 16),  # n of the best-of-n frontier; the largest is the table's row
@@ -46,6 +46,8 @@ def config() -> ml_collections.ConfigDict:
   cfg.methods.dapo = _method("rl", ppo=dict(  # DAPO: token-mean loss, clip-higher, no KL, dynamic sampling
       advantage="grpo", loss_agg="dapo", clip_low=0.2, clip_high=0.28, kl_coef=0.0, adaptive_kl=False,
       drop_equal_groups=True))
+  cfg.methods.dpo = _method("dpo", dpo={"loss_type": "sigmoid"})  # on the RM's comparisons, the RM's steps
+  cfg.methods.ipo = _method("dpo", dpo={"loss_type": "ipo"})
   cfg.methods.best_of_n = _method("best_of_n")
   return cfg
 
@@ -72,14 +74,13 @@ def _train(cfg, name: str, dirs: dict, paths: dict, out: str) -> None:
             reward_fn=pipeline.oracle_reward if cfg.rl_reward == "oracle" else None)
   elif method.kind == "dpo":
     from rlhf_jax import dpo  # the DPO stage (losses.dpo_loss on the shared trainer)
-    dpo.run(_dpo_config(cfg, name, dirs, paths), out)
+    dpo.run_dpo(_dpo_config(cfg, name, dirs, paths), out)
 
 
 def _dpo_config(cfg, name: str, dirs: dict, paths: dict) -> ml_collections.ConfigDict:
   """The DPO stage on the RM's comparisons, as many steps and records per step as the RM had, from SFT."""
   from rlhf_jax import dpo
   d = dpo.config()
-  d.model.update(cfg.model.to_dict())
   d.data.update(train=paths["comparisons_train"], eval=paths.get("comparisons_heldout", ""),
                 seq_len=cfg.reward.data.seq_len, batch_size=cfg.reward.data.batch_size,
                 max_responses=cfg.reward.data.max_responses or cfg.task.num_candidates)

@@ -101,7 +101,7 @@ def test_tiny_pipeline_end_to_end_then_resumes(demo_dir, capsys, monkeypatch):
 
 def _tiny_compare_config():
   cfg = _tiny_config(compare_config.get_config())
-  cfg.compare.update(dict(run="ppo_gae,rloo,grpo,dapo,best_of_n", budget=16, points=2, best_of_n=(1, 2, 4), eval_samples=2))
+  cfg.compare.update(dict(run="ppo_gae,rloo,grpo,dapo,dpo,ipo,best_of_n", budget=16, points=2, best_of_n=(1, 2, 4), eval_samples=2))
   return cfg
 
 
@@ -109,11 +109,11 @@ def test_tiny_compare_reuses_the_pipeline_workdir_then_resumes(demo_dir, capsys)
   workdir = demo_dir  # pretrain, SFT, comparisons and RM of the pipeline test (built here when run alone)
   base = {s: checkpoint.saved_steps(os.path.join(workdir, s)) for s in ("pretrain", "sft", "reward")}
   results = compare.run(_tiny_compare_config(), workdir)
-  names = ["ppo_gae", "rloo", "grpo", "dapo", "best_of_n"]
+  names = ["ppo_gae", "rloo", "grpo", "dapo", "dpo", "ipo", "best_of_n"]
   assert set(results) == {"sft", *names}
   sft = results["sft"]["final"]
   assert sft["kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and sft["corpus_loss"] > 0
-  for name in names[:-1]:  # 16 responses / 8 per iteration = 2 iterations, a checkpoint at each
+  for name in names[:4]:  # 16 responses / 8 per iteration = 2 iterations, a checkpoint at each
     assert checkpoint.saved_steps(os.path.join(workdir, "compare", name)) == [1, 2]
     assert [p["step"] for p in results[name]["frontier"]] == [1, 2]
     final = results[name]["final"]
@@ -124,17 +124,21 @@ def test_tiny_compare_reuses_the_pipeline_workdir_then_resumes(demo_dir, capsys)
     assert {s: checkpoint.saved_steps(os.path.join(workdir, s)) for s in base} == base  # not retrained
   critic = checkpoint.load_params(os.path.join(workdir, "compare", "ppo_gae"))[0]["value"]
   assert critic is not None and "head" in critic  # the GAE run trains a critic ...
-  for name in names[1:-1]:  # ... the critic-free methods none
+  for name in names[1:4]:  # ... the critic-free methods none
     assert checkpoint.load_params(os.path.join(workdir, "compare", name))[0]["value"] is None
   rows = [json.loads(line) for line in open(os.path.join(workdir, "compare", "dapo", "metrics.jsonl"))]
   assert len(rows) == 2 and all("oracle" in r and "dropped_groups" in r and "clipfrac_high" in r for r in rows)
   with pytest.raises(ValueError, match=r"no checkpoint at step 7 \(saved: \[1, 2\]\)"):
     checkpoint.load_params(os.path.join(workdir, "compare", "rloo"), step=7)
+  for name in ("dpo", "ipo"):  # the RM's 8 steps, a checkpoint every 8 // points = 4
+    assert [p["step"] for p in results[name]["frontier"]] == [4, 8]
+    assert checkpoint.load_extra(os.path.join(workdir, "compare", name))["meta"]["stage"] == "dpo"
   bon = results["best_of_n"]["frontier"]
   assert [p["n"] for p in bon] == [1, 2, 4]
   assert [p["kl_to_sft"] for p in bon] == pytest.approx([math.log(n) - (n - 1) / n for n in (1, 2, 4)])
   printed = capsys.readouterr().out
-  for row in ("| sft |", "| ppo_gae |", "| rloo |", "| grpo |", "| dapo |", "| best_of_n (n=4) |"):
+  for row in ("| sft |", "| ppo_gae |", "| rloo |", "| grpo |", "| dapo |", "| dpo |", "| ipo |",
+              "| best_of_n (n=4) |"):
     assert row in printed
   assert os.path.getsize(os.path.join(workdir, "compare", "frontier.png")) > 1000
 
