@@ -45,6 +45,7 @@ def config() -> ml_collections.ConfigDict:
   c.alpha = 16.0  # α: the update is scaled by α / r
   c.dropout = 0.0  # adapter-input dropout; the merge mechanism has no such input, so only 0 is accepted
   c.targets = "attn,mlp"  # comma-separated: q,k,v,o, gate,up,down (llama), fc_in,fc_out (gpt2), lm_head; attn, mlp
+  c.base_dtype = ""  # storage of the frozen base: "" = as loaded (the model's param_dtype), bfloat16 = half
   return c
 
 
@@ -78,6 +79,8 @@ class Spec:
     if c.dropout != 0:
       raise ValueError(f"config lora.dropout={c.dropout}: adapters are merged into the kernels (W + (α/r)·A·B), "
                        "which has no adapter input to drop; only lora.dropout=0 is supported")
+    if c.get("base_dtype", "") not in ("", "float32", "bfloat16", "float16"):
+      raise ValueError(f"config lora.base_dtype={c.base_dtype!r}; expected '', float32, bfloat16 or float16")
     names = [t.strip() for t in str(c.targets).split(",") if t.strip()]
     unknown = [t for t in names if t not in KERNELS and t not in ALIASES]
     if unknown:
@@ -198,3 +201,52 @@ def fold(params, adapters, spec: Spec):
 def param_count(tree: Any) -> int:
   """Number of scalars in a pytree (adapters or any params)."""
   return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------------ which parameters train (SFT, RM, PPO's networks)
+
+
+def split(params, spec: Spec, rng: jax.Array, key: str | None = None) -> tuple[dict, Any]:
+  """(trainable, frozen base) of a full tree: trainable = {"adapters"} plus, for an RM/value tree whose Transformer
+  sits under `key` ("backbone"), every other group (its heads); frozen = the Transformer params."""
+  base = params if key is None else params[key]
+  trainable = {"adapters": init(base, spec, rng)}
+  if key is not None:
+    trainable.update({k: v for k, v in params.items() if k != key})
+  return trainable, base
+
+
+def join(trainable: dict, base, spec: Spec, key: str | None = None):
+  """The effective full tree of `split`'s pair: merge(base, adapters), with the other groups under their names."""
+  merged = merge(base, trainable["adapters"], spec)
+  if key is None:
+    return merged
+  return {**{k: v for k, v in trainable.items() if k != "adapters"}, key: merged}
+
+
+def with_base(loss_fn, spec: Spec, key: str | None = None):
+  """`loss_fn(params, batch, rng)` -> `fn(trainable, batch, rng, frozen)` on the joined tree (gradients reach the
+  trainable tree only: the base is an argument, never differentiated)."""
+  def fn(trainable, batch, rng, frozen):
+    return loss_fn(join(trainable, frozen, spec, key), batch, rng)
+  return fn
+
+
+def cast_base(base, dtype: str):
+  """The frozen base in `dtype` ("" keeps each leaf's own): e.g. bfloat16 halves its memory."""
+  if not dtype:
+    return base
+  return jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), base)
+
+
+def adapter_axes(base_axes, adapters, spec: Spec):
+  """Logical axis names of the adapters from the base kernels' (a PartitionSpec-like tuple per leaf): a takes the
+  kernel's leading + input names and None for r, b the leading names, None, then the output names."""
+  def visit(ad, ax):
+    if set(ad) == {"a", "b"}:
+      names, lead_in = tuple(ax["kernel"]), ad["a"].ndim - 1
+      lead = ad["b"].ndim - 1 - (len(names) - lead_in)
+      make = type(ax["kernel"])
+      return {"a": make(*names[:lead_in], None), "b": make(*names[:lead], None, *names[lead_in:])}
+    return {k: visit(v, ax[k]) for k, v in ad.items()}
+  return visit(adapters, base_axes)

@@ -1,4 +1,6 @@
 """LoRA adapters: zero init is the base, merged == x·W + (α/r)·x·A·B, only adapters train, stacked layers, errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,7 +25,12 @@ def _spec(rank=4, alpha=8.0, targets="attn,mlp"):
 
 
 def _logits(cfg, params, tokens):
-  return M.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens))[0]
+  return _forward(cfg, params, jnp.asarray(tokens))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens):
+  return M.Transformer(cfg).apply({"params": params}, tokens)[0]
 
 
 def _tokens(B=3, L=9, seed=0):
