@@ -220,3 +220,20 @@ def test_resume_with_other_rank_or_targets_names_the_field_and_both_values():
     lora.check_resume(spec.meta(), _spec(rank=8, targets="attn"), "/w")
   with pytest.raises(ValueError, match=r"lora.rank=8 but .* lora.rank=0"):
     lora.check_resume(None, spec, "/w")  # a full fine-tuning checkpoint
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_folded_export_reloads_with_the_unmerged_logits(name, tmp_path):
+  """fold -> save_hf_checkpoint -> load_hf_checkpoint (whose logits match transformers', test_hf_import) gives the
+  logits of the base with its adapters merged inside the forward (<= 1e-5)."""
+  import os
+  from rlhf_jax import hf_import
+  cfg, base = hf_import.load_hf_checkpoint(os.path.join(os.path.dirname(__file__), "testdata", "hf", name))
+  spec = _spec(rank=4, targets="attn,mlp" + (",lm_head" if not cfg.tie_embeddings else ""))
+  ad = _randomize_b(lora.init(base, spec, jax.random.PRNGKey(1)))
+  hf_import.save_hf_checkpoint(cfg, jax.tree.map(np.asarray, lora.fold(base, ad, spec)), str(tmp_path))
+  cfg2, exported = hf_import.load_hf_checkpoint(str(tmp_path))
+  toks = np.arange(1, 9, dtype=np.int32)[None] % cfg.vocab_size
+  unmerged = _logits(cfg, lora.merge(base, ad, spec), toks)
+  np.testing.assert_allclose(_logits(cfg2, exported, toks), unmerged, atol=1e-5)
+  assert np.max(np.abs(unmerged - _logits(cfg, base, toks))) > 1e-3
