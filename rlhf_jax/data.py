@@ -125,6 +125,8 @@ def pack_comparisons(pieces: Sequence[dict], seq_len: int, max_responses: int, m
   at = iter(places)
   for r, piece in enumerate(pieces):
     el["rank"][r, :len(piece["rank"])] = piece["rank"]
+    for name, values_K in piece.get("values", {}).items():  # per-response values of the record (make_*_loader)
+      el.setdefault(name, np.zeros((R, K), np.float32))[r, :len(values_K)] = values_K
     for k, seq in enumerate(piece["sequences"]):
       row, start = next(at)
       span = slice(start, start + len(seq))
@@ -369,7 +371,7 @@ def make_sft_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int,
 def make_comparison_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int, max_responses: int,
                            seed: int, workdir: str, process_index: int = 0, process_count: int = 1,
                            truncate_prompt: bool = False, pack: bool = True, max_records: int | None = None,
-                           **options):
+                           record_values: Callable[[dict], dict] | None = None, **options):
   """Reward-model batches from JSONL comparisons (ranking or chosen/rejected): batch_size elements of
   max_responses rows × seq_len, each holding whole records (every response of a record in the same element).
 
@@ -378,12 +380,16 @@ def make_comparison_loader(source, tokenizer: Tokenizer, seq_len: int, batch_siz
   row k (the padded layout). Fields: tokens, segment_ids, positions, best_mask, response_idx (B, Kmax, L);
   last_idx, rank, valid
   (B, R, Kmax) with R = max_records (1 unpacked) and last_idx a flat slot index into the element's Kmax·L slots.
+  `record_values(record) -> {name: values_K}` adds per-response float fields (B, R, Kmax) (DPO's reference log-probs).
   """
   R = max(1, seq_len // 16) if max_records is None else int(max_records)
   if R < 1:
     raise ValueError(f"make_comparison_loader: max_records={max_records} must be >= 1")
-  return _loader("comparison", source, workdir,
-                 lambda r: comparison_pieces(r, tokenizer, seq_len, max_responses, truncate_prompt),
+  def pieces(record):
+    out = comparison_pieces(record, tokenizer, seq_len, max_responses, truncate_prompt)
+    return out if record_values is None else [dict(out[0], values=record_values(record))]
+
+  return _loader("comparison", source, workdir, pieces,
                  lambda p: pack_comparisons(p, seq_len, max_responses, R, tokenizer.pad_id, pack),
                  seq_len, batch_size, seed, process_index, process_count, options,
                  fits_fn=lambda p: place_comparisons(p, seq_len, max_responses, R, pack) is not None)

@@ -412,17 +412,18 @@ def load_reward_model(workdir: str) -> tuple[TransformerConfig, Any, float]:
 
 
 def load_policy(workdir: str, field: str = "train.init_from") -> tuple[TransformerConfig, Any, Tokenizer]:
-  """(model config, Transformer params, tokenizer) of a pretraining/SFT/PPO workdir (or hf:DIR with its tokenizer)."""
+  """(model config, Transformer params, tokenizer) of a pretraining/SFT/PPO/DPO workdir (or hf:DIR with its
+  tokenizer)."""
   if workdir.startswith("hf:"):
     from rlhf_jax import hf_import
     model, params = hf_import.load_hf_checkpoint(workdir[3:])
     return model, params, load_tokenizer(workdir[3:])
   meta = _source_meta(workdir)
-  if meta.get("stage") not in ("pretrain", "sft", "ppo"):
+  if meta.get("stage") not in ("pretrain", "sft", "ppo", "dpo"):
     raise ValueError(f"config {field}={workdir!r} is a {meta.get('stage')!r} workdir, not a policy; give a "
                      f"pretraining or SFT workdir")
   params, _ = checkpoint.load_params(workdir)
-  if meta.get("stage") == "ppo":
+  if meta.get("stage") in ("ppo", "dpo"):
     params = params["policy"]
   params = unfold(params, meta)
   return TransformerConfig.from_dict(meta["model"]), params, load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import fixtures
-from rlhf_jax import checkpoint, lora, losses, metrics, optimizer, parallel, ppo, stages, trainer
+from rlhf_jax import checkpoint, dpo, lora, losses, metrics, optimizer, parallel, ppo, stages, trainer
 from rlhf_jax.model import Transformer, init_params
 from test_ppo import CFG as PPO_CFG, _hyper, _nets, _ptx, _samples
 from test_trainer import CFG, _Loader, _batch
@@ -166,6 +166,34 @@ def test_lora_ppo_runs_on_adapters_and_its_policy_loads_merged(pipe, lora_sft, t
                lora.fold(sft, saved["policy"]["adapters"], SPEC))
 
 
+def _dpo_cfg(pipe, init_from, ref_logp):
+  cfg = dpo.config()
+  cfg.data.update(train=pipe["comparisons"], seq_len=48, batch_size=8, max_responses=2)
+  cfg.dpo.ref_logp = ref_logp
+  cfg.train.update(init_from=init_from, num_steps=3, log_every=1, eval_every=0, checkpoint_every=3)
+  cfg.opt.update(warmup_steps=0, lr=1e-2)
+  cfg.lora = _lora_cfg()
+  return cfg
+
+
+def test_lora_dpo_reference_is_the_base_precomputed_or_on_the_fly(pipe, lora_sft, tmp_path):
+  """DPO from a LoRA SFT workdir: step 1 sits at the reference (loss log 2: B = 0), the policy moves, and the
+  on-the-fly reference (the frozen base, adapters off) gives the same adapters as the precomputed one."""
+  out = {}
+  for mode in ("precompute", "on_the_fly"):
+    wd = str(tmp_path / mode)
+    dpo.run_dpo(_dpo_cfg(pipe, lora_sft[0], mode), wd)
+    rows = metrics.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    assert abs(rows[0]["train_loss"] - np.log(2)) < 1e-5 and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    out[mode] = checkpoint.load_params(wd)[0]
+    assert set(out[mode]) == {"policy"} and set(out[mode]["policy"]) == {"adapters"}
+  for a, b in zip(jax.tree.leaves(out["precompute"]), jax.tree.leaves(out["on_the_fly"])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  _, policy, _ = stages.load_policy(str(tmp_path / "precompute"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), policy,
+               lora.fold(stages.load_policy(lora_sft[0])[1], out["precompute"]["policy"]["adapters"], SPEC))
+
+
 # ------------------------------------------------------------------------------ PPO's compiled functions with LoRA
 
 LORA_MODELS = ppo.Models(PPO_CFG, PPO_CFG, PPO_CFG, SPEC, "ref")
@@ -205,7 +233,7 @@ def _lora_update_on(n):
 
   def fn(state, frozen, samples, ptx):
     rollout, _ = ppo.score_rollout(state.params, frozen, samples, 0.1, 0.2, models=LORA_MODELS, ppo=hyper)
-    return ppo.ppo_update(state, rollout, ptx, frozen, tx=TX, models=LORA_MODELS, ppo=hyper)[0].params
+    return ppo.ppo_update(state, rollout, ptx, frozen=frozen, tx=TX, models=LORA_MODELS, ppo=hyper)[0].params
 
   shard = lambda t: jax.tree.map(lambda x: np.asarray(x).reshape((n, -1) + np.shape(x)[1:]), t)
   out = jax.pmap(fn, axis_name=parallel.AXIS, devices=jax.local_devices()[:n])(
