@@ -98,6 +98,8 @@ class Spec:
 def check_resume(saved: dict | None, spec: Spec, workdir: str) -> None:
   """ValueError naming the field and both values when a workdir's checkpoint was written with other LoRA settings."""
   saved = saved or Spec().meta()
+  if not spec.enabled and not saved.get("rank"):
+    return  # full fine-tuning both times (alpha/targets mean nothing at rank 0)
   for field, now in spec.meta().items():
     before = saved.get(field)
     if (list(before or []) if field == "targets" else before) != now:

@@ -237,3 +237,19 @@ def test_folded_export_reloads_with_the_unmerged_logits(name, tmp_path):
   unmerged = _logits(cfg, lora.merge(base, ad, spec), toks)
   np.testing.assert_allclose(_logits(cfg2, exported, toks), unmerged, atol=1e-5)
   assert np.max(np.abs(unmerged - _logits(cfg, base, toks))) > 1e-3
+
+
+def test_adapter_axes_take_the_kernels_input_and_output_names():
+  from jax.sharding import PartitionSpec as P
+  cfg = _cfg("llama")
+  params = _stack_layers(M.init_params(cfg, jax.random.PRNGKey(0)), cfg.num_layers)
+  spec = _spec(rank=2, targets="q,o")
+  ad = lora.init(params, spec, jax.random.PRNGKey(1))
+  base_axes = {"layers": {"attn": {"q": {"kernel": P("layers", "embed", "heads", "head_dim")},
+                                   "o": {"kernel": P("layers", "heads", "head_dim", "embed")}}}}
+  axes = lora.adapter_axes(base_axes, ad, spec)["layers"]["attn"]
+  assert axes["q"] == {"a": P("layers", "embed", None), "b": P("layers", None, "heads", "head_dim")}
+  assert axes["o"] == {"a": P("layers", "heads", "head_dim", None), "b": P("layers", None, "embed")}
+  for name in ("q", "o"):
+    assert len(axes[name]["a"]) == ad["layers"]["attn"][name]["a"].ndim
+    assert len(axes[name]["b"]) == ad["layers"]["attn"][name]["b"].ndim
