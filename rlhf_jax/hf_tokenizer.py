@@ -38,7 +38,7 @@ _PRE_KINDS = {  # llama.cpp's llm_tokenizer_bpe regexes, per `tokenizer.ggml.pre
     "qwen2": ("qwen2", "qwen2.5", "qwen-2.5", "deepseek-r1-qwen"),
 }
 GGUF_PRE = {name: kind for kind, names in _PRE_KINDS.items() for name in names}
-GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values matched whole in text
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values matched whole in text (3: special)
 
 
 def byte_level_pre_tokenizer(kind: str):
@@ -78,7 +78,8 @@ def read_configs(directory: str) -> dict:
     out[s] = _content(tcfg.get(f"{s}_token", smap.get(f"{s}_token", ids[0] if isinstance(ids, list) else ids)))
   for cfg in (smap, tcfg):
     out["specials"] += [_content(t) for t in cfg.get("additional_special_tokens") or []]
-  out["specials"] += [_content(t) for t in (tcfg.get("added_tokens_decoder") or {}).values()]
+  out["specials"] += [_content(t) for t in (tcfg.get("added_tokens_decoder") or {}).values()
+                      if isinstance(t, dict) and t.get("special")]
   if "add_bos_token" in tcfg:
     out["add_bos"] = bool(tcfg["add_bos_token"])
   template = tcfg.get("chat_template")
@@ -183,7 +184,10 @@ def read_gguf(path: str) -> tuple[RustTokenizer, dict]:
   rust = RustTokenizer(bpe)
   rust.pre_tokenizer = byte_level_pre_tokenizer(GGUF_PRE[pre])
   rust.decoder = decoders.ByteLevel()
-  add_specials(rust, [t for t, ty in zip(tokens, types) if ty in (GGUF_CONTROL, GGUF_USER_DEFINED)])
+  add_specials(rust, [t for t, ty in zip(tokens, types) if ty == GGUF_CONTROL])
+  user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED]
+  if user:  # matched whole in the text, but decoded like text (llama.cpp, transformers)
+    rust.add_tokens(user)
   info = {s: _gguf_value(reader, f"tokenizer.ggml.{key}_token_id")
           for s, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
   info["add_bos"] = bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False))

@@ -284,6 +284,7 @@ def config() -> ml_collections.ConfigDict:
   cfg.data.ptx = ""  # pretraining text for the ptx term (required when ppo.ptx_coef > 0)
   cfg.data.prompt_len = 32  # P: prompts are left-padded to this many tokens (incl. bos)
   cfg.data.truncate = False  # cut prompts longer than prompt_len from the left instead of raising
+  cfg.data.chat_template = False  # True: render prompts with the tokenizer's chat template (kept if SFT used it)
   cfg.data.ptx_seq_len = 64  # packed pretraining rows for the ptx term
   cfg.data.ptx_batch_size = 16  # ptx rows per iteration (split over the minibatches)
   cfg.data.seed = 0  # prompt order
@@ -339,6 +340,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   prompt_files = stages.checked_files(cfg.data.prompts, "data.prompts")
   ptx_files = stages.checked_files(cfg.data.ptx, "data.ptx") if hyper.ptx_coef > 0 else None
   policy_cfg, sft_params, tok = stages.load_policy(cfg.train.init_from)
+  tok = stages.chat_tokenizer(cfg, tok)
   rm_cfg, rm_params, offset = (stages.load_reward_model(cfg.ppo.reward_from) if cfg.ppo.reward_from
                                 else (policy_cfg, None, 0.0))
   if rm_cfg.vocab_size != policy_cfg.vocab_size:
