@@ -227,3 +227,31 @@ def test_real_smollm2_gguf_equals_transformers(tmp_path):
   _check_refs(tok, "smollm2")
   assert tok.encode("2024") == [tok._rust.token_to_id(d) for d in "2024"]  # "smollm": one token per digit
   assert tok.render_chat("hi").endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ------------------------------------------------------------------------------------------ data framing
+
+
+def test_data_pipeline_follows_add_bos_and_the_chat_template():
+  from rlhf_jax import data
+  gpt2 = tokenizer.load_tokenizer(os.path.join(TOK, "gpt2"))  # no bos: documents are ids + [eos]
+  (inputs, targets, mask), = data.lm_pieces({"text": "Hello world"}, gpt2, 64)
+  doc = gpt2.encode("Hello world") + [gpt2.eos_id]
+  assert list(inputs) == doc[:-1] and list(targets) == doc[1:] and mask.sum() == len(doc) - 1
+  row, = data.prompt_pieces({"prompt": "Hi there", "origin": "p"}, gpt2, 8)
+  ids = gpt2.encode("Hi there")
+  assert list(row["prompt_tokens"]) == [gpt2.pad_id] * (8 - len(ids)) + ids and row["prompt_mask"].sum() == len(ids)
+  mistral = tokenizer.load_tokenizer(os.path.join(TOK, "mistral"))  # bos: [1] + ids
+  row, = data.prompt_pieces({"prompt": "Hi there", "origin": "p"}, mistral, 8)
+  assert list(row["prompt_tokens"][-len(mistral.encode("Hi there")) - 1:]) == [1] + mistral.encode("Hi there")
+  chat = tokenizer.load_tokenizer(os.path.join(TOK, "qwen3_small")).with_chat_template()
+  (inputs, targets, mask), = data.sft_pieces({"prompt": "2+2?", "response": "4", "origin": "r"}, chat, 64)
+  prompt = chat.encode(chat.render_chat("2+2?"))
+  full = prompt + chat.encode("4") + [chat.eos_id]
+  assert list(inputs) == full[:-1] and list(targets) == full[1:]
+  assert list(mask) == [0.0] * (len(prompt) - 1) + [1.0] * (len(full) - len(prompt))
+  piece, = data.comparison_pieces({"prompt": "2+2?", "responses": ["4", "5"], "ranking": [0, 1], "origin": "c"},
+                                  chat, 64, 2)
+  assert [list(s) for s in piece["sequences"]] == [prompt + chat.encode(r) + [chat.eos_id] for r in ("4", "5")]
+  with pytest.raises(ValueError, match=r"r: .* exceed seq_len=8"):
+    data.sft_pieces({"prompt": "2+2?", "response": "4", "origin": "r"}, chat, 8)
