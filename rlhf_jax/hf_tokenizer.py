@@ -149,6 +149,30 @@ def _gguf_value(reader, key: str, default=None):
   return default if field is None else field.contents()
 
 
+def _gguf_merges(path: str, merges: list[str]) -> list[tuple[str, str]]:
+  """(left, right) pairs; llama.cpp splits each entry at the first space after its first character."""
+  pairs = []
+  for m in merges:
+    cut = m.find(" ", 1)
+    if cut < 0:
+      raise ValueError(f"GGUF {path!r}: tokenizer.ggml.merges entry {m!r} has no space")
+    pairs.append((m[:cut], m[cut + 1:]))
+  return pairs
+
+
+def gguf_bpe(tokens: list[str], types: list[int], pairs: list[tuple[str, str]], pre_kind: str) -> RustTokenizer:
+  """Byte-level BPE over a GGUF vocabulary: control tokens special, user-defined ones added (both matched whole)."""
+  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, ignore_merges=pre_kind == "llama3")
+  rust = RustTokenizer(bpe)
+  rust.pre_tokenizer = byte_level_pre_tokenizer(pre_kind)
+  rust.decoder = decoders.ByteLevel()
+  add_specials(rust, [t for t, ty in zip(tokens, types) if ty == GGUF_CONTROL])
+  user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED]
+  if user:  # matched whole in the text, but decoded like text (llama.cpp, transformers)
+    rust.add_tokens(user)
+  return rust
+
+
 def read_gguf(path: str) -> tuple[RustTokenizer, dict]:
   """(tokenizer, {"bos", "eos", "pad", "unk" ids, "add_bos", "chat_template"}) from a GGUF file's vocabulary."""
   try:
@@ -173,21 +197,7 @@ def read_gguf(path: str) -> tuple[RustTokenizer, dict]:
   if not tokens or merges is None:
     raise ValueError(f"GGUF {path!r}: tokenizer.ggml.tokens / tokenizer.ggml.merges missing")
   types = _gguf_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-  pairs = []
-  for m in merges:  # llama.cpp splits at the first space after the first character
-    cut = m.find(" ", 1)
-    if cut < 0:
-      raise ValueError(f"GGUF {path!r}: tokenizer.ggml.merges entry {m!r} has no space")
-    pairs.append((m[:cut], m[cut + 1:]))
-  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs,
-                   ignore_merges=GGUF_PRE[pre] == "llama3")
-  rust = RustTokenizer(bpe)
-  rust.pre_tokenizer = byte_level_pre_tokenizer(GGUF_PRE[pre])
-  rust.decoder = decoders.ByteLevel()
-  add_specials(rust, [t for t, ty in zip(tokens, types) if ty == GGUF_CONTROL])
-  user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED]
-  if user:  # matched whole in the text, but decoded like text (llama.cpp, transformers)
-    rust.add_tokens(user)
+  rust = gguf_bpe(tokens, types, _gguf_merges(path, merges), GGUF_PRE[pre])
   info = {s: _gguf_value(reader, f"tokenizer.ggml.{key}_token_id")
           for s, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
   info["add_bos"] = bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False))
