@@ -1,5 +1,6 @@
-"""Byte-level BPE tokenizers through HF's `tokenizers` library (Rust, no torch): `tokenizer.json`, GPT-2 style
-`vocab.json` + `merges.txt`, and the vocabulary + merges embedded in a llama.cpp GGUF file.
+"""BPE tokenizers through HF's `tokenizers` library (Rust, no torch): `tokenizer.json`, GPT-2 style `vocab.json` +
+`merges.txt`, and the vocabulary embedded in a llama.cpp GGUF file (`tokenizer.ggml.model` "gpt2": byte-level
+BPE + merges; "llama": sentencepiece pieces + scores, as a byte-fallback BPE whose merges the scores rank).
 
 Special tokens come from the checkpoint's config files (tokenizer_config.json > special_tokens_map.json >
 generation_config.json ids), or for a GGUF file from its `tokenizer.ggml.*_token_id` keys. Whether a bos is
@@ -18,7 +19,7 @@ import os
 import shutil
 from typing import Sequence
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 
 from rlhf_jax.tokenizer import HF_DIR, SPM_FILE, BaseTokenizer, write_config  # tokenizer imports us lazily
@@ -38,7 +39,7 @@ _PRE_KINDS = {  # llama.cpp's llm_tokenizer_bpe regexes, per `tokenizer.ggml.pre
     "qwen2": ("qwen2", "qwen2.5", "qwen-2.5", "deepseek-r1-qwen"),
 }
 GGUF_PRE = {name: kind for kind, names in _PRE_KINDS.items() for name in names}
-GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values matched whole in text (3: special)
+GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_BYTE = 3, 4, 6  # tokenizer.ggml.token_type values matched whole in text (3: special)
 
 
 def byte_level_pre_tokenizer(kind: str):
@@ -173,6 +174,33 @@ def gguf_bpe(tokens: list[str], types: list[int], pairs: list[tuple[str, str]], 
   return rust
 
 
+def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+  """BPE merges implied by a sentencepiece vocabulary: every split of a piece into two pieces, ranked by the
+  merged piece's score (best first), as transformers' SentencePieceExtractor derives them."""
+  vocab = {t: i for i, t in enumerate(tokens)}
+  ranked = []
+  for piece, score in zip(tokens, scores):
+    local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+    ranked += [(score, vocab[a], vocab[b], a, b) for a, b in local]
+  ranked.sort(key=lambda r: (-r[0], r[1], r[2]))
+  return [(a, b) for _, _, _, a, b in ranked]
+
+
+def gguf_spm(tokens: list[str], scores: list[float], types: list[int], add_space_prefix: bool) -> RustTokenizer:
+  """A GGUF "llama" (sentencepiece BPE) vocabulary as a byte-fallback BPE: spaces become "▁", a "▁" is
+  prepended when add_space_prefix (llama.cpp's default), <0xNN> pieces cover any byte."""
+  unk = next((t for t, ty in zip(tokens, types) if ty == 2), None)
+  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=spm_merges(tokens, scores), unk_token=unk,
+                   fuse_unk=True, byte_fallback=True)
+  rust = RustTokenizer(bpe)
+  steps = [normalizers.Prepend("\u2581")] if add_space_prefix else []
+  rust.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+  tail = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
+  rust.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()] + tail)
+  add_specials(rust, [t for t, ty in zip(tokens, types) if ty == GGUF_CONTROL])
+  return rust
+
+
 def read_gguf(path: str) -> tuple[RustTokenizer, dict]:
   """(tokenizer, {"bos", "eos", "pad", "unk" ids, "add_bos", "chat_template"}) from a GGUF file's vocabulary."""
   try:
@@ -185,22 +213,32 @@ def read_gguf(path: str) -> tuple[RustTokenizer, dict]:
   except Exception as e:
     raise ValueError(f"tokenizer {path!r} is not a readable GGUF file: {e}") from e
   kind = _gguf_value(reader, "tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise ValueError(f"GGUF {path!r}: tokenizer.ggml.model={kind!r} is not supported; only 'gpt2' (byte-level "
-                     f"BPE) vocabularies load (convert the checkpoint's tokenizer.json instead)")
-  pre = _gguf_value(reader, "tokenizer.ggml.pre")
-  if pre not in GGUF_PRE:
-    raise ValueError(f"GGUF {path!r}: tokenizer.ggml.pre={pre!r} is not a known pre-tokenizer; supported: "
-                     f"{sorted(GGUF_PRE)}")
+  if kind not in ("gpt2", "llama"):
+    raise ValueError(f"GGUF {path!r}: tokenizer.ggml.model={kind!r} is not supported; 'gpt2' (byte-level BPE) "
+                     f"and 'llama' (sentencepiece BPE) vocabularies load (convert the checkpoint's tokenizer.json)")
   tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
-  merges = _gguf_value(reader, "tokenizer.ggml.merges")
-  if not tokens or merges is None:
-    raise ValueError(f"GGUF {path!r}: tokenizer.ggml.tokens / tokenizer.ggml.merges missing")
+  if not tokens:
+    raise ValueError(f"GGUF {path!r}: tokenizer.ggml.tokens missing")
   types = _gguf_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-  rust = gguf_bpe(tokens, types, _gguf_merges(path, merges), GGUF_PRE[pre])
-  info = {s: _gguf_value(reader, f"tokenizer.ggml.{key}_token_id")
+  pre = _gguf_value(reader, "tokenizer.ggml.pre")
+  if kind == "llama":  # llama.cpp's spm defaults: bos 1, eos 2, unk 0, add bos, a space prefix
+    scores = _gguf_value(reader, "tokenizer.ggml.scores")
+    if not scores or len(scores) != len(tokens):
+      raise ValueError(f"GGUF {path!r}: tokenizer.ggml.scores missing or not one per token")
+    rust = gguf_spm(tokens, scores, types, bool(_gguf_value(reader, "tokenizer.ggml.add_space_prefix", True)))
+    defaults = {"bos": 1, "eos": 2, "unk": 0, "add_bos": True}
+  else:
+    if pre not in GGUF_PRE:
+      raise ValueError(f"GGUF {path!r}: tokenizer.ggml.pre={pre!r} is not a known pre-tokenizer; supported: "
+                       f"{sorted(GGUF_PRE)}")
+    merges = _gguf_value(reader, "tokenizer.ggml.merges")
+    if merges is None:
+      raise ValueError(f"GGUF {path!r}: tokenizer.ggml.merges missing")
+    rust = gguf_bpe(tokens, types, _gguf_merges(path, merges), GGUF_PRE[pre])
+    defaults = {"add_bos": False}
+  info = {s: _gguf_value(reader, f"tokenizer.ggml.{key}_token_id", defaults.get(s))
           for s, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
-  info["add_bos"] = bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False))
+  info["add_bos"] = bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", defaults["add_bos"]))
   info["chat_template"] = _gguf_value(reader, "tokenizer.chat_template")
   info["pre"] = pre
   return rust, info

@@ -180,9 +180,24 @@ def test_gguf_vocabulary_equals_its_tokenizer_json(tmp_path):
   assert tokenizer.load_tokenizer(wd).encode("x<|im_end|> 12") == tok.encode("x<|im_end|> 12")
 
 
+def test_gguf_sentencepiece_vocabulary_equals_sentencepiece(tmp_path):
+  pytest.importorskip("gguf", reason="the optional gguf extra is not installed")
+  path = str(tmp_path / "mistral.gguf")
+  make_tokenizers.write_spm_gguf(os.path.join(TOK, "mistral", "tokenizer.model"), path)
+  tok, sp = tokenizer.load_tokenizer(path), tokenizer.load_tokenizer(os.path.join(TOK, "mistral"))
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.bos_prefix) == (32768, 1, 2, 2, [1])
+  for text in REFS["mistral"]["texts"] + ["  two  spaces", "\t\n 🙂 漢字"]:  # runs of spaces, byte fallback
+    ids = tok.encode(text)
+    assert ids == sp.encode(text) and tok.decode(ids) == sp.decode(ids), text
+  assert tok.encode("a</s>b") == sp.encode("a") + [tok.eos_id] + sp.encode("b")  # control tokens match, as in llama.cpp
+
+
 def test_gguf_bad_input(tmp_path, monkeypatch):
-  path, _ = _gguf(tmp_path, "spm.gguf", model="llama")
-  with pytest.raises(ValueError, match=r"spm.gguf'.*tokenizer.ggml.model='llama' is not supported"):
+  path, _ = _gguf(tmp_path, "bert.gguf", model="bert")
+  with pytest.raises(ValueError, match=r"bert.gguf'.*tokenizer.ggml.model='bert' is not supported"):
+    tokenizer.load_tokenizer(path)
+  path, _ = _gguf(tmp_path, "spm.gguf", model="llama")  # a sentencepiece vocabulary needs its scores
+  with pytest.raises(ValueError, match=r"spm.gguf'.*tokenizer.ggml.scores missing"):
     tokenizer.load_tokenizer(path)
   path, _ = _gguf(tmp_path, "pre.gguf", pre="mystery")
   with pytest.raises(ValueError, match=r"pre.gguf'.*tokenizer.ggml.pre='mystery' is not a known pre-tokenizer"):

@@ -95,6 +95,33 @@ def write_gguf(tokenizer_json: str, path: str, pre: str = "qwen2", bos: str | No
   w.close()
 
 
+def write_spm_gguf(model_file: str, path: str, add_space_prefix: bool = True) -> None:
+  """A GGUF file with only the sentencepiece tokenizer of `model_file` ("llama": tokens, scores, token types)."""
+  import gguf
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor()
+  sp.Load(model_file)
+  n = sp.GetPieceSize()
+  kinds = [(sp.IsUnknown, gguf.TokenType.UNKNOWN), (sp.IsControl, gguf.TokenType.CONTROL),
+           (sp.IsByte, gguf.TokenType.BYTE), (sp.IsUnused, gguf.TokenType.UNUSED)]
+  types = [next((t for test, t in kinds if test(i)), gguf.TokenType.NORMAL) for i in range(n)]
+  w = gguf.GGUFWriter(path, arch="llama")
+  w.add_tokenizer_model("llama")
+  w.add_tokenizer_pre("default")
+  w.add_token_list([sp.IdToPiece(i) for i in range(n)])
+  w.add_token_scores([sp.GetScore(i) for i in range(n)])
+  w.add_token_types(types)
+  w.add_bos_token_id(sp.bos_id())
+  w.add_eos_token_id(sp.eos_id())
+  w.add_unk_token_id(sp.unk_id())
+  w.add_add_bos_token(True)
+  w.add_add_space_prefix(add_space_prefix)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
 if __name__ == "__main__":
   p = argparse.ArgumentParser()
   p.add_argument("--qwen3", required=True, help="folder with Qwen3's tokenizer.json + tokenizer_config.json")
