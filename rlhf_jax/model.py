@@ -83,16 +83,27 @@ class TransformerConfig:
     return cls(**d)
 
 
-def _dense(cfg: TransformerConfig, features, name: str, axis=-1, use_bias=None) -> nn.DenseGeneral:
+# Logical axis names of parameter dimensions (parallel.RULES maps them to mesh axes):
+#   "vocab" V, "embed" D, "heads" H, "kv_heads" K, "head_dim" E, "mlp" F, "positions" the learned position table's
+#   rows, "norm" the D of norm scales/biases, "scalar" the single output of a ScalarHead.
+_named = nn.with_logical_partitioning
+
+
+def _dense(cfg: TransformerConfig, features, name: str, in_axes: tuple, out_axes: tuple, axis=-1,
+           use_bias=None) -> nn.DenseGeneral:
+  """DenseGeneral whose kernel is named in_axes + out_axes and bias out_axes (logical names, see above)."""
   return nn.DenseGeneral(
       features, axis=axis, use_bias=cfg.use_bias if use_bias is None else use_bias, dtype=cfg.jnp_dtype,
-      param_dtype=cfg.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02), name=name)
+      param_dtype=cfg.jnp_param_dtype, kernel_init=_named(nn.initializers.normal(0.02), in_axes + out_axes),
+      bias_init=_named(nn.initializers.zeros_init(), out_axes), name=name)
 
 
 def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  kw = dict(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+            scale_init=_named(nn.initializers.ones_init(), ("norm",)), name=name)
   if cfg.family == "llama":
-    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name)
-  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name)
+    return nn.RMSNorm(**kw)
+  return nn.LayerNorm(bias_init=_named(nn.initializers.zeros_init(), ("norm",)), **kw)
 
 
 def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -233,9 +244,9 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, decode: bool):
     cfg = self.cfg
     H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q_BxLxHxE = _dense(cfg, (H, E), "q")(x_BxLxD)
-    k_BxLxKxE = _dense(cfg, (K, E), "k")(x_BxLxD)
-    v_BxLxKxE = _dense(cfg, (K, E), "v")(x_BxLxD)
+    q_BxLxHxE = _dense(cfg, (H, E), "q", ("embed",), ("heads", "head_dim"))(x_BxLxD)
+    k_BxLxKxE = _dense(cfg, (K, E), "k", ("embed",), ("kv_heads", "head_dim"))(x_BxLxD)
+    v_BxLxKxE = _dense(cfg, (K, E), "v", ("embed",), ("kv_heads", "head_dim"))(x_BxLxD)
     if cfg.family == "llama":
       q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
       k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
@@ -250,7 +261,8 @@ class Attention(nn.Module):
       out_BxLxKxGxE = causal_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
     else:  # accelerators, and short sequences on CPU: one batched attention
       out_BxLxKxGxE = batched_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
-    return _dense(cfg, cfg.d_model, "o", axis=(-2, -1))(out_BxLxKxGxE.reshape(B, L, H, E))
+    return _dense(cfg, cfg.d_model, "o", ("heads", "head_dim"), ("embed",), axis=(-2, -1))(
+        out_BxLxKxGxE.reshape(B, L, H, E))
 
   def _update_cache(self, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
     """Writes L new slots at the cache index; returns the whole cache and the new slots' indices."""
@@ -280,11 +292,11 @@ class Mlp(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     if cfg.family == "llama":
-      gate_BxLxF = _dense(cfg, cfg.d_ff, "gate")(x_BxLxD)
-      up_BxLxF = _dense(cfg, cfg.d_ff, "up")(x_BxLxD)
-      return _dense(cfg, cfg.d_model, "down")(nn.silu(gate_BxLxF) * up_BxLxF)
-    h_BxLxF = nn.gelu(_dense(cfg, cfg.d_ff, "fc_in")(x_BxLxD), approximate=True)
-    return _dense(cfg, cfg.d_model, "fc_out")(h_BxLxF)
+      gate_BxLxF = _dense(cfg, cfg.d_ff, "gate", ("embed",), ("mlp",))(x_BxLxD)
+      up_BxLxF = _dense(cfg, cfg.d_ff, "up", ("embed",), ("mlp",))(x_BxLxD)
+      return _dense(cfg, cfg.d_model, "down", ("mlp",), ("embed",))(nn.silu(gate_BxLxF) * up_BxLxF)
+    h_BxLxF = nn.gelu(_dense(cfg, cfg.d_ff, "fc_in", ("embed",), ("mlp",))(x_BxLxD), approximate=True)
+    return _dense(cfg, cfg.d_model, "fc_out", ("mlp",), ("embed",))(h_BxLxF)
 
 
 class Block(nn.Module):
@@ -317,11 +329,12 @@ class Transformer(nn.Module):
         raise ValueError("decode=True needs explicit positions_BxL (the slot's position in its sequence)")
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                     embedding_init=nn.initializers.normal(0.02), name="embed")
+                     embedding_init=_named(nn.initializers.normal(0.02), ("vocab", "embed")), name="embed")
     x_BxLxD = embed(tokens_BxL)
     if cfg.family == "gpt2":
       x_BxLxD = x_BxLxD + nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                                   embedding_init=nn.initializers.normal(0.01), name="pos_embed")(positions_BxL)
+                                   embedding_init=_named(nn.initializers.normal(0.01), ("positions", "embed")),
+                                   name="pos_embed")(positions_BxL)
     for i in range(cfg.num_layers):
       x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL, decode)
     h_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
@@ -329,7 +342,7 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(head_in_BxLxD)
     else:
-      logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)(head_in_BxLxD)
+      logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", ("embed",), ("vocab",), use_bias=False)(head_in_BxLxD)
     return logits_BxLxV.astype(jnp.float32), h_BxLxD
 
 
@@ -340,14 +353,32 @@ class ScalarHead(nn.Module):
   @nn.compact
   def __call__(self, h_BxLxD):
     out_BxLx1 = nn.Dense(1, dtype=jnp.float32, param_dtype=self.cfg.jnp_param_dtype,
-                         kernel_init=nn.initializers.normal(1.0 / (self.cfg.d_model + 1) ** 0.5),
-                         name="dense")(h_BxLxD.astype(jnp.float32))
+                         kernel_init=_named(nn.initializers.normal(1.0 / (self.cfg.d_model + 1) ** 0.5),
+                                            ("embed", "scalar")),
+                         bias_init=_named(nn.initializers.zeros_init(), ("scalar",)), name="dense")(h_BxLxD.astype(jnp.float32))
     return out_BxLx1[..., 0]
 
 
-def init_params(cfg: TransformerConfig, rng: jax.Array) -> dict:
-  """Randomly initialised Transformer params (built from a length-1 dummy batch)."""
+def boxed_params(cfg: TransformerConfig, rng: jax.Array) -> dict:
+  """Randomly initialised Transformer params, each boxed with its logical axis names (nn.LogicallyPartitioned)."""
   return Transformer(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(cfg: TransformerConfig, rng: jax.Array) -> dict:
+  """Randomly initialised Transformer params as plain arrays (built from a length-1 dummy batch)."""
+  return nn.unbox(boxed_params(cfg, rng))
+
+
+def boxed_head_params(cfg: TransformerConfig, rng: jax.Array) -> dict:
+  """Randomly initialised ScalarHead params, boxed with their logical axis names."""
+  return ScalarHead(cfg).init(rng, jnp.zeros((1, 1, cfg.d_model), jnp.float32))["params"]
+
+
+def logical_axes(boxed_fn) -> Any:
+  """The logical PartitionSpec of every parameter built by `boxed_fn()` (a function returning a tree of boxed
+  params, e.g. `lambda: boxed_params(cfg, key)`), from abstract shapes only (jax.eval_shape: nothing allocated).
+  Plain (unboxed) leaves, such as a scalar, get the empty spec (replicated)."""
+  return nn.get_partition_spec(jax.eval_shape(boxed_fn))
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> dict:
