@@ -23,7 +23,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax.model import TransformerConfig
+from rlhf_jax.model import TransformerConfig, unstack_layers
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -334,6 +334,7 @@ def save_hf_checkpoint(cfg: TransformerConfig, params, directory: str, max_shard
   """Writes config.json + model.safetensors (or shards + index when max_shard_bytes is given) in HF format."""
   if max_shard_bytes is not None and max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+  params = unstack_layers(params)  # a scan_layers model's stacked tree, too
   config = hf_config(cfg)
   tensors = {s.hf_name: _to_hf(s, [_leaf(params, p, shape) for p, shape in zip(s.paths, s.shapes)])
              for s in _specs(cfg)}
