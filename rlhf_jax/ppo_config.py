@@ -19,7 +19,7 @@ import dataclasses
 
 import ml_collections
 
-from rlhf_jax import optimizer, rl, trainer
+from rlhf_jax import lora, optimizer, rl, trainer
 
 ADVANTAGES = ("gae", "rloo", "grpo")
 KL_IN = ("reward", "loss")
@@ -152,6 +152,7 @@ def config() -> ml_collections.ConfigDict:
   cfg.opt.schedule = "constant"
   cfg.opt.weight_decay = 0.0
   cfg.train = trainer.train_config(num_steps=100)  # num_steps = PPO iterations (rollout + update)
+  cfg.lora = lora.config()  # rank > 0: policy and value train adapters on the frozen SFT / RM weights
   cfg.train.log_every = 1
   cfg.train.checkpoint_every = 25
   return cfg
