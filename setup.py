@@ -24,6 +24,8 @@ EXTRAS = {
     "gpu": ["jax[cuda12]==0.10.2"],
     # Cloud TPU VMs: libtpu matching jaxlib. pip install -e .[tpu]
     "tpu": ["jax[tpu]==0.10.2"],
+    # llama.cpp .gguf checkpoints (rlhf_jax.gguf_import): pip install -e .[gguf]
+    "gguf": ["gguf==0.19.0"],
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92"],
 }
 

@@ -95,7 +95,7 @@ def _source_meta(workdir: str) -> dict:
 
 
 def resolve_init(cfg: ml_collections.ConfigDict, workdir: str, train_files) -> Init:
-  """Model config + tokenizer: resume (own workdir) > train.init_from (workdir or hf:DIR) > scratch."""
+  """Model config + tokenizer: resume (own workdir) > train.init_from (workdir, hf:DIR or gguf:FILE) > scratch."""
   source = cfg.train.init_from
   own = checkpoint.has_checkpoint(workdir)
   if own:
@@ -109,6 +109,12 @@ def resolve_init(cfg: ml_collections.ConfigDict, workdir: str, train_files) -> I
       raise ValueError(f"config train.init_from={source!r} has no {TOKENIZER_FILE}: pass --config.tokenizer.path "
                        f"(a sentencepiece model with the checkpoint's {model.vocab_size} pieces)")
     tok = load_tokenizer(cfg.tokenizer.path or source[3:])
+    check_vocab(tok, model.vocab_size, f"{source} vocab_size")
+    return Init(model, tok, lambda: params)
+  if source.startswith("gguf:"):  # llama.cpp file: weights here; the tokenizer is the file's own vocabulary
+    from rlhf_jax import gguf_import
+    model, params = gguf_import.load_gguf_checkpoint(source[5:])
+    tok = load_tokenizer(cfg.tokenizer.path or source[5:])
     check_vocab(tok, model.vocab_size, f"{source} vocab_size")
     return Init(model, tok, lambda: params)
   if source:
