@@ -286,6 +286,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   prompt_files = stages.checked_files(cfg.data.prompts, "data.prompts")
   ptx_files = stages.checked_files(cfg.data.ptx, "data.ptx") if hyper.ptx_coef > 0 else None
   policy_cfg, sft_params, tok = stages.load_policy(cfg.train.init_from)
+  tok = stages.chat_tokenizer(cfg, tok)
   rm_cfg, rm_params, offset = (stages.load_reward_model(cfg.ppo.reward_from) if cfg.ppo.reward_from
                                 else (policy_cfg, None, 0.0))
   if rm_cfg.vocab_size != policy_cfg.vocab_size:

@@ -2,8 +2,9 @@
 
 Each `run_*(cfg, workdir)` validates its inputs before writing anything, resolves the model and tokenizer
 (resume > `train.init_from` > scratch), builds the loaders and calls `trainer.train_loop`. Every stage's
-workdir holds `tokenizer.model` and the model config in its checkpoints' metadata, so the next stage can
-start from it with only `--config.train.init_from=<workdir>`.
+workdir holds its tokenizer (`tokenizer.model`, or a `tokenizer/` folder for HF / GGUF tokenizers, see
+tokenizer.py) and the model config in its checkpoints' metadata, so the next stage can start from it with only
+`--config.train.init_from=<workdir>`. `hf:DIR` and `gguf:FILE` sources bring their own tokenizer.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import functools
 import itertools
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -22,9 +22,11 @@ from absl import logging
 
 from rlhf_jax import checkpoint, data, lora, losses, optimizer, trainer
 from rlhf_jax.model import TransformerConfig, init_params
-from rlhf_jax.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
+from rlhf_jax.tokenizer import BaseTokenizer as Tokenizer
+from rlhf_jax.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a workdir's sentencepiece tokenizer (HF ones: tokenizer/)
+EXTERNAL = ("hf:", "gguf:")  # init_from prefixes of checkpoints made elsewhere
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -47,7 +49,7 @@ def model_config() -> ml_collections.ConfigDict:
 def tokenizer_config() -> ml_collections.ConfigDict:
   """The `cfg.tokenizer` group."""
   t = ml_collections.ConfigDict()
-  t.path = ""  # sentencepiece model; "" = init_from's tokenizer, else train one on data.train into the workdir
+  t.path = ""  # .model / tokenizer.json / HF folder / .gguf; "" = init_from's, else train one on data.train
   t.vocab_size = 512  # when training one
   t.model_type = "bpe"  # bpe | unigram | char | word
   return t
@@ -63,6 +65,7 @@ def lm_data_config(seq_len: int = 128, batch_size: int = 16) -> ml_collections.C
   d.batch_size = batch_size  # global rows per step (divisible by the device count)
   d.seed = 0  # shuffling seed (order is a function of seed and epoch)
   d.truncate = False  # SFT: cut long prompts from the left instead of raising
+  d.chat_template = False  # True: prompts rendered with the tokenizer's chat template (later stages keep it)
   return d
 
 
@@ -95,37 +98,57 @@ def _source_meta(workdir: str) -> dict:
 
 
 def resolve_init(cfg: ml_collections.ConfigDict, workdir: str, train_files) -> Init:
-  """Model config + tokenizer: resume (own workdir) > train.init_from (workdir or hf:DIR) > scratch."""
+  """Model config + tokenizer: resume (own workdir) > train.init_from (workdir, hf:DIR or gguf:FILE) > scratch."""
   source = cfg.train.init_from
   own = checkpoint.has_checkpoint(workdir)
   if own:
     meta = _source_meta(workdir)
     model = TransformerConfig.from_dict(meta["model"])
-    return Init(model, load_tokenizer(os.path.join(workdir, TOKENIZER_FILE)))
-  if source.startswith("hf:"):
-    from rlhf_jax import hf_import
-    model, params = hf_import.load_hf_checkpoint(source[3:])
-    if not cfg.tokenizer.path and not os.path.exists(os.path.join(source[3:], TOKENIZER_FILE)):
-      raise ValueError(f"config train.init_from={source!r} has no {TOKENIZER_FILE}: pass --config.tokenizer.path "
-                       f"(a sentencepiece model with the checkpoint's {model.vocab_size} pieces)")
-    tok = load_tokenizer(cfg.tokenizer.path or source[3:])
-    check_vocab(tok, model.vocab_size, f"{source} vocab_size")
-    return Init(model, tok, lambda: params)
+    return Init(model, chat_tokenizer(cfg, load_tokenizer(workdir)))
+  if source.startswith(EXTERNAL):
+    model, params, tok = load_external(source, cfg.tokenizer.path)
+    return Init(model, chat_tokenizer(cfg, tok), lambda: params)
   if source:
     meta = _source_meta(source)
     if "model" not in meta:
       raise ValueError(f"config train.init_from={source!r}: checkpoint has no model metadata")
     model = TransformerConfig.from_dict(meta["model"])
-    tok = load_tokenizer(cfg.tokenizer.path or os.path.join(source, TOKENIZER_FILE))
-    check_vocab(tok, model.vocab_size, f"train.init_from={source!r} model.vocab_size")
+    tok = load_tokenizer(cfg.tokenizer.path or source)
+    check_vocab(tok, model.vocab_size, f"train.init_from={source!r} model.vocab_size",
+                exact=tok.kind == "sentencepiece")
     params_fn = lambda: unfold(checkpoint.load_params(source)[0], meta)
-    return Init(model, tok, params_fn)
+    return Init(model, chat_tokenizer(cfg, tok), params_fn)
   tok = _scratch_tokenizer(cfg, workdir, train_files)
   m = cfg.model.to_dict()
   m["vocab_size"] = m["vocab_size"] or tok.vocab_size
   model = TransformerConfig.from_dict(m)
   check_vocab(tok, model.vocab_size, "config model.vocab_size")
-  return Init(model, tok)
+  return Init(model, chat_tokenizer(cfg, tok))
+
+
+def chat_tokenizer(cfg: ml_collections.ConfigDict, tok: Tokenizer) -> Tokenizer:
+  """`tok`, rendering prompts with its chat template when config data.chat_template is set."""
+  return tok.with_chat_template() if cfg.get("data", {}).get("chat_template", False) else tok
+
+
+def load_external(source: str, tokenizer_path: str = "") -> tuple[TransformerConfig, Any, Tokenizer]:
+  """(model config, params, tokenizer) of `hf:DIR` or `gguf:FILE`: the checkpoint's own tokenizer unless
+  `tokenizer_path` (config tokenizer.path) is given; the model may have more embedding rows than tokens."""
+  kind, path = source.split(":", 1)
+  try:
+    tok = load_tokenizer(tokenizer_path or path)
+  except ValueError as e:
+    if tokenizer_path:
+      raise
+    raise ValueError(f"config train.init_from={source!r} has no tokenizer: pass --config.tokenizer.path ({e})") from e
+  if kind == "hf":
+    from rlhf_jax import hf_import
+    model, params = hf_import.load_hf_checkpoint(path)
+  else:
+    from rlhf_jax import gguf_import
+    model, params = gguf_import.load_gguf_checkpoint(path)
+  check_vocab(tok, model.vocab_size, f"{source} vocab_size", exact=False)
+  return model, params, tok
 
 
 def _scratch_tokenizer(cfg, workdir: str, train_files) -> Tokenizer:
@@ -139,11 +162,8 @@ def _scratch_tokenizer(cfg, workdir: str, train_files) -> Tokenizer:
 
 
 def install_tokenizer(tok: Tokenizer, workdir: str) -> None:
-  """Copies the tokenizer into the workdir, so the next stage finds it there."""
-  os.makedirs(workdir, exist_ok=True)
-  dest = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.abspath(tok.path) != os.path.abspath(dest):
-    shutil.copyfile(tok.path, dest)
+  """Writes the tokenizer into the workdir (tokenizer.model or tokenizer/), so the next stage finds it there."""
+  tok.save(workdir)
 
 
 def checked_params_fn(init: Init, source: str) -> Callable[[Any], Any] | None:
@@ -412,12 +432,9 @@ def load_reward_model(workdir: str) -> tuple[TransformerConfig, Any, float]:
 
 
 def load_policy(workdir: str, field: str = "train.init_from") -> tuple[TransformerConfig, Any, Tokenizer]:
-  """(model config, Transformer params, tokenizer) of a pretraining/SFT/PPO/DPO workdir (or hf:DIR with its
-  tokenizer)."""
-  if workdir.startswith("hf:"):
-    from rlhf_jax import hf_import
-    model, params = hf_import.load_hf_checkpoint(workdir[3:])
-    return model, params, load_tokenizer(workdir[3:])
+  """(model config, Transformer params, tokenizer) of a pretraining/SFT/PPO/DPO workdir (or hf:DIR / gguf:FILE)."""
+  if workdir.startswith(EXTERNAL):
+    return load_external(workdir)
   meta = _source_meta(workdir)
   if meta.get("stage") not in ("pretrain", "sft", "ppo", "dpo"):
     raise ValueError(f"config {field}={workdir!r} is a {meta.get('stage')!r} workdir, not a policy; give a "
@@ -426,4 +443,4 @@ def load_policy(workdir: str, field: str = "train.init_from") -> tuple[Transform
   if meta.get("stage") in ("ppo", "dpo"):
     params = params["policy"]
   params = unfold(params, meta)
-  return TransformerConfig.from_dict(meta["model"]), params, load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+  return TransformerConfig.from_dict(meta["model"]), params, load_tokenizer(workdir)
