@@ -326,9 +326,10 @@ def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None,
   likelihood feature's weight, 0) and "token_head" (a zero ScalarHead for per-token rewards) when asked; see
   `losses.packed_scores`."""
   import jax.numpy as jnp
-  from rlhf_jax.model import ScalarHead
+  import flax.linen as nn
+  from rlhf_jax.model import boxed_head_params
   k1, k2 = jax.random.split(rng)
-  head = ScalarHead(model).init(k2, jnp.zeros((1, 1, model.d_model), jnp.float32))["params"]
+  head = nn.unbox(boxed_head_params(model, k2))
   params = {"backbone": backbone if backbone is not None else init_params(model, k1), "head": head}
   if loglik:
     params["loglik"] = jnp.zeros((), jnp.float32)
