@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import checkpoint, data, losses, optimizer, trainer
-from rlhf_jax.model import TransformerConfig, init_params
+from rlhf_jax.model import TransformerConfig, init_params, to_layout
 from rlhf_jax.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -41,7 +41,19 @@ def model_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # output projection shares the token embedding
   m.dtype = "float32"  # compute dtype: float32 | bfloat16
   m.param_dtype = "float32"  # parameter dtype
+  # how the model runs (also applied to an init_from model; a resumed run keeps its checkpoint's):
+  m.scan_layers = False  # blocks as one nn.scan (params stacked under "layers"): compile time independent of depth
+  m.remat = "none"  # recompute each block in the backward: none | block | dots (matmul outputs saved)
+  m.attention = "auto"  # auto | xla | cudnn (GPU) | rows | batched (see model.ATTENTION)
   return m
+
+
+RUNTIME_FIELDS = ("scan_layers", "remat", "attention")  # cfg.model fields that override an init_from model's
+
+
+def _with_runtime(model: TransformerConfig, cfg: ml_collections.ConfigDict) -> TransformerConfig:
+  """`model` with cfg.model's RUNTIME_FIELDS (how it runs, not what it computes)."""
+  return dataclasses.replace(model, **{f: cfg.model[f] for f in RUNTIME_FIELDS if f in cfg.model})
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
@@ -105,6 +117,7 @@ def resolve_init(cfg: ml_collections.ConfigDict, workdir: str, train_files) -> I
   if source.startswith("hf:"):
     from rlhf_jax import hf_import
     model, params = hf_import.load_hf_checkpoint(source[3:])
+    model = _with_runtime(model, cfg)
     if not cfg.tokenizer.path and not os.path.exists(os.path.join(source[3:], TOKENIZER_FILE)):
       raise ValueError(f"config train.init_from={source!r} has no {TOKENIZER_FILE}: pass --config.tokenizer.path "
                        f"(a sentencepiece model with the checkpoint's {model.vocab_size} pieces)")
@@ -115,7 +128,7 @@ def resolve_init(cfg: ml_collections.ConfigDict, workdir: str, train_files) -> I
     meta = _source_meta(source)
     if "model" not in meta:
       raise ValueError(f"config train.init_from={source!r}: checkpoint has no model metadata")
-    model = TransformerConfig.from_dict(meta["model"])
+    model = _with_runtime(TransformerConfig.from_dict(meta["model"]), cfg)
     tok = load_tokenizer(cfg.tokenizer.path or os.path.join(source, TOKENIZER_FILE))
     check_vocab(tok, model.vocab_size, f"train.init_from={source!r} model.vocab_size")
     params_fn = lambda: checkpoint.load_params(source)[0]
@@ -152,7 +165,7 @@ def checked_params_fn(init: Init, source: str) -> Callable[[Any], Any] | None:
     return None
 
   def load(fresh):
-    params = init.params_fn()
+    params = to_layout(init.params_fn(), init.model)  # a checkpoint of the other layer layout converts here
     checkpoint.check_same_structure(fresh, params, f"config train.init_from={source!r}")
     logging.info("initialised params from %s", source)
     return jax.tree.map(lambda f, p: p.astype(f.dtype), fresh, params)
