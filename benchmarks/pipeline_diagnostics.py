@@ -15,15 +15,10 @@ from __future__ import annotations
 import json
 import os
 
-import functools
-import itertools
-import tempfile
-
-import jax
 import numpy as np
 from absl import app, flags, logging
 
-from rlhf_jax import data, evaluate, losses, pipeline, stages, tasks
+from rlhf_jax import evaluate, pipeline, stages, tasks
 
 WORKDIR = flags.DEFINE_string("workdir", None, "finished pipeline workdir", required=True)
 POLICIES = flags.DEFINE_list("policies", [], "more policy workdirs (pretrain/SFT/PPO) to evaluate")
@@ -58,18 +53,6 @@ def family_table(wd: str, prompts: list[str], n: int) -> list[str]:
   return out
 
 
-def corpus_loss(params, model, tok, corpus: str, batches: int = 20) -> float:
-  """Next-token loss per token on the first `batches` packed 32 x 64 rows of the pretraining corpus."""
-  with tempfile.TemporaryDirectory() as tmp:
-    loader = data.make_lm_loader([corpus], tok, 64, 32, 0, tmp, train=False, local_device_count=1)
-    loss = jax.jit(functools.partial(losses.lm_loss, cfg=model))
-    total = count = 0.0
-    for batch in itertools.islice(iter(loader), batches):
-      _, aux = loss(params, batch, None)
-      total, count = total + float(aux["loss"][0]), count + float(aux["loss"][1])
-  return total / count
-
-
 def policy_table(wd: str, policies: list[str], prompts: list[str], n: int) -> list[str]:
   """Sampled (mean over n samples per prompt) and greedy oracle score, exact match, KL to SFT, corpus loss."""
   _, sft_params, tok = stages.load_policy(os.path.join(wd, "sft"))
@@ -80,7 +63,7 @@ def policy_table(wd: str, policies: list[str], prompts: list[str], n: int) -> li
     m = evaluate.evaluate_policy(params, model, tok, prompts, oracle=tasks.oracle_score, exact=tasks.is_exact,
                                  prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS, ref_params=sft_params,
                                  samples_per_prompt=n, seed=3)
-    lm = corpus_loss(params, model, tok, os.path.join(wd, "data", "corpus.txt"))
+    lm = evaluate.corpus_loss(params, model, tok, os.path.join(wd, "data", "corpus.txt"))
     out.append(f"| {d} | {m['oracle_sampled']:.3f} | {m['exact_sampled']:.3f} | {m['oracle_greedy']:.3f} | "
                f"{m['kl_to_sft']:.2f} | {lm:.2f} |")
     print(out[-1], flush=True)

@@ -80,12 +80,15 @@ def has_checkpoint(workdir: str) -> bool:
   return parallel.agree_with_process_0(found)
 
 
-def load_params(workdir: str, key: str = "params") -> tuple[Any, dict]:
-  """The `state[key]` tree (numpy) and extra JSON of the latest checkpoint in another stage's `workdir`."""
+def load_params(workdir: str, key: str = "params", step: int | None = None) -> tuple[Any, dict]:
+  """The `state[key]` tree (numpy) and extra JSON of the latest checkpoint (or the one at `step`) in `workdir`."""
   if not has_checkpoint(workdir):
     raise ValueError(f"init_from={workdir!r}: no checkpoint found under {os.path.join(workdir, CHECKPOINT_DIR)}")
   ckpt = Checkpointer(workdir, create=False)
-  step = ckpt.latest_step()
+  if step is not None and step not in ckpt.manager.all_steps():
+    ckpt.close()
+    raise ValueError(f"{workdir!r}: no checkpoint at step {step} (saved: {saved_steps(workdir)})")
+  step = ckpt.latest_step() if step is None else step
   out = ckpt.manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(), extra=ocp.args.JsonRestore()))
   ckpt.close()
@@ -93,6 +96,12 @@ def load_params(workdir: str, key: str = "params") -> tuple[Any, dict]:
   if key not in state:
     raise ValueError(f"init_from={workdir!r}: checkpoint state has no {key!r} (has {sorted(state)})")
   return jax.tree.map(np.asarray, state[key]), out["extra"]
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints in `workdir`, ascending ([] when there are none)."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
 
 
 def load_extra(workdir: str) -> dict:

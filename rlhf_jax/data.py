@@ -14,7 +14,8 @@ Batches (numpy, int32 tokens, float32 masks), B = batch_size / process_count row
   RL prompts        prompt_tokens, prompt_mask (B, P), left-padded [bos] + prompt; prompts: list of strings
 Training loaders iterate forever: each epoch shuffles the records with (seed, epoch); every host builds the
 same global rows and keeps its slice of each global batch (the global batch does not depend on the number of
-hosts; each host tokenizes all records). Documents are tokenized, framed as [bos] + ids + [eos], shifted into
+hosts; each host tokenizes all records). Documents are tokenized, framed as [bos] + ids + [eos] ([bos] only when
+the tokenizer adds one, `tok.bos_prefix`; prompts via `tok.prompt_parts`, the chat template when asked), shifted into
 (inputs, targets), cut into chunks of at most L and packed into rows: pretraining text fills every row (a
 chunk is cut at the row's end and continues in the next row as a new segment); SFT examples are never cut
 (next-fit); comparison records are never split either: an element of Kmax rows takes whole records next-fit,
@@ -32,7 +33,7 @@ import numpy as np
 
 # Records and their validators live in records.py; re-exported because data is where users look for them.
 from rlhf_jax.records import KINDS, LocalRecords, Records, read_jsonl, read_records, validate_record  # noqa: F401
-from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.tokenizer import BaseTokenizer as Tokenizer
 
 # ------------------------------------------------------------------------------------------- examples
 
@@ -58,7 +59,7 @@ def _shifted(seq: list[int], loss_from: int) -> tuple[np.ndarray, np.ndarray, np
 
 def lm_pieces(record: dict, tok: Tokenizer, seq_len: int) -> list:
   """[bos] + text + [eos] shifted into (inputs, targets, loss_mask) chunks of at most seq_len."""
-  inputs, targets, mask = _shifted([tok.bos_id] + tok.encode(record["text"]) + [tok.eos_id], 1)
+  inputs, targets, mask = _shifted(tok.bos_prefix + tok.encode(record["text"]) + [tok.eos_id], 1)
   return [(inputs[s:s + seq_len], targets[s:s + seq_len], mask[s:s + seq_len])
           for s in range(0, len(inputs), seq_len)]
 
@@ -66,8 +67,9 @@ def lm_pieces(record: dict, tok: Tokenizer, seq_len: int) -> list:
 def sft_pieces(record: dict, tok: Tokenizer, seq_len: int, truncate: bool = False) -> list:
   """[bos] + prompt + response + [eos] shifted; loss_mask = 1 where the target is a response token or eos."""
   response = tok.encode(record["response"]) + [tok.eos_id]
-  prompt = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1 + len(response), seq_len + 1, truncate,
-                                      record["origin"], f"seq_len={seq_len} (at most {seq_len + 1} before the input/target shift)")
+  head, body = tok.prompt_parts(record["prompt"])
+  prompt = head + _fit_prompt(body, len(head) + len(response), seq_len + 1, truncate, record["origin"],
+                              f"seq_len={seq_len} (at most {seq_len + 1} before the input/target shift)")
   return [_shifted(prompt + response, len(prompt))]
 
 
@@ -79,8 +81,9 @@ def comparison_pieces(record: dict, tok: Tokenizer, seq_len: int, max_responses:
     raise ValueError(f"{record['origin']}: {k} responses but max_responses={max_responses} (config "
                      f"data.max_responses: raise it to the most responses a record has)")
   responses = [tok.encode(r) + [tok.eos_id] for r in record["responses"]]
-  prompt = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1 + max(map(len, responses)), seq_len,
-                                      truncate, record["origin"], f"seq_len={seq_len}")
+  head, body = tok.prompt_parts(record["prompt"])
+  prompt = head + _fit_prompt(body, len(head) + max(map(len, responses)), seq_len, truncate, record["origin"],
+                              f"seq_len={seq_len}")
   rank = np.zeros(k, np.int32)
   rank[np.asarray(record["ranking"])] = np.arange(k)
   return [{"sequences": [np.asarray(prompt + r, np.int32) for r in responses], "rank": rank,
@@ -125,6 +128,8 @@ def pack_comparisons(pieces: Sequence[dict], seq_len: int, max_responses: int, m
   at = iter(places)
   for r, piece in enumerate(pieces):
     el["rank"][r, :len(piece["rank"])] = piece["rank"]
+    for name, values_K in piece.get("values", {}).items():  # per-response values of the record (make_*_loader)
+      el.setdefault(name, np.zeros((R, K), np.float32))[r, :len(values_K)] = values_K
     for k, seq in enumerate(piece["sequences"]):
       row, start = next(at)
       span = slice(start, start + len(seq))
@@ -140,8 +145,8 @@ def pack_comparisons(pieces: Sequence[dict], seq_len: int, max_responses: int, m
 
 def prompt_pieces(record: dict, tok: Tokenizer, prompt_len: int, truncate: bool = False) -> list:
   """One row: [bos] + prompt left-padded to prompt_len, its mask, and the prompt string."""
-  ids = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1, prompt_len, truncate, record["origin"],
-                                   f"prompt_len={prompt_len}")
+  head, body = tok.prompt_parts(record["prompt"])
+  ids = head + _fit_prompt(body, len(head), prompt_len, truncate, record["origin"], f"prompt_len={prompt_len}")
   tokens = np.full(prompt_len, tok.pad_id, np.int32)
   mask = np.zeros(prompt_len, np.float32)
   tokens[prompt_len - len(ids):], mask[prompt_len - len(ids):] = ids, 1.0
@@ -369,7 +374,7 @@ def make_sft_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int,
 def make_comparison_loader(source, tokenizer: Tokenizer, seq_len: int, batch_size: int, max_responses: int,
                            seed: int, workdir: str, process_index: int = 0, process_count: int = 1,
                            truncate_prompt: bool = False, pack: bool = True, max_records: int | None = None,
-                           **options):
+                           record_values: Callable[[dict], dict] | None = None, **options):
   """Reward-model batches from JSONL comparisons (ranking or chosen/rejected): batch_size elements of
   max_responses rows × seq_len, each holding whole records (every response of a record in the same element).
 
@@ -378,12 +383,16 @@ def make_comparison_loader(source, tokenizer: Tokenizer, seq_len: int, batch_siz
   row k (the padded layout). Fields: tokens, segment_ids, positions, best_mask, response_idx (B, Kmax, L);
   last_idx, rank, valid
   (B, R, Kmax) with R = max_records (1 unpacked) and last_idx a flat slot index into the element's Kmax·L slots.
+  `record_values(record) -> {name: values_K}` adds per-response float fields (B, R, Kmax) (DPO's reference log-probs).
   """
   R = max(1, seq_len // 16) if max_records is None else int(max_records)
   if R < 1:
     raise ValueError(f"make_comparison_loader: max_records={max_records} must be >= 1")
-  return _loader("comparison", source, workdir,
-                 lambda r: comparison_pieces(r, tokenizer, seq_len, max_responses, truncate_prompt),
+  def pieces(record):
+    out = comparison_pieces(record, tokenizer, seq_len, max_responses, truncate_prompt)
+    return out if record_values is None else [dict(out[0], values=record_values(record))]
+
+  return _loader("comparison", source, workdir, pieces,
                  lambda p: pack_comparisons(p, seq_len, max_responses, R, tokenizer.pad_id, pack),
                  seq_len, batch_size, seed, process_index, process_count, options,
                  fits_fn=lambda p: place_comparisons(p, seq_len, max_responses, R, pack) is not None)

@@ -6,12 +6,14 @@ KL(π‖π_SFT) ≈ mean over samples of Σ_t [log π(y_t|·) − log π_SFT(y_t
 from __future__ import annotations
 
 import functools
+import itertools
+import tempfile
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from rlhf_jax import data, parallel, ppo, rl, sampling
+from rlhf_jax import data, losses, parallel, ppo, rl, sampling
 from rlhf_jax.model import TransformerConfig
 from rlhf_jax.tokenizer import Tokenizer
 
@@ -73,25 +75,51 @@ def kl_to_reference(params, ref_params, cfg: TransformerConfig, batches: Sequenc
 def evaluate_policy(params, cfg: TransformerConfig, tok: Tokenizer, prompts: Sequence[str], *,
                     oracle: Callable[[str, str], float], exact: Callable[[str, str], bool], prompt_len: int,
                     max_new_tokens: int, ref_params=None, reward_fn: Callable[[list, list], np.ndarray] | None = None,
-                    seed: int = 0, samples_per_prompt: int = 1) -> dict[str, Any]:
+                    seed: int = 0, samples_per_prompt: int = 1, greedy: bool = True) -> dict[str, Any]:
   """Held-out metrics of one policy: oracle/exact at temperature 1 (means over `samples_per_prompt` samples of
-  every prompt) and greedy, mean RM score and KL to the reference (on the samples)."""
+  every prompt, with the standard error over prompts) and greedy (None with `greedy=False`), mean RM score and KL
+  to the reference (on the samples)."""
   if samples_per_prompt < 1:
     raise ValueError(f"evaluate_policy: samples_per_prompt={samples_per_prompt} must be >= 1")
   repeated = [p for p in prompts for _ in range(samples_per_prompt)]
   sampled, batches = generate(params, cfg, tok, repeated, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                               greedy=False, seed=seed)
-  greedy, _ = generate(params, cfg, tok, prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                       greedy=True)
-  out = {
-      "oracle_sampled": float(np.mean([oracle(p, r) for p, r in zip(repeated, sampled)])),
-      "oracle_greedy": float(np.mean([oracle(p, r) for p, r in zip(prompts, greedy)])),
-      "exact_sampled": float(np.mean([exact(p, r) for p, r in zip(repeated, sampled)])),
-      "exact_greedy": float(np.mean([exact(p, r) for p, r in zip(prompts, greedy)])),
-  }
+  oracle_P = np.mean(np.reshape([oracle(p, r) for p, r in zip(repeated, sampled)], (len(prompts), -1)), axis=1)
+  out = {"oracle_sampled": float(np.mean(oracle_P)), "oracle_sampled_se": standard_error(oracle_P),
+         "exact_sampled": float(np.mean([exact(p, r) for p, r in zip(repeated, sampled)])),
+         "oracle_greedy": None, "exact_greedy": None}
+  greedy_texts = [""] * len(prompts)
+  if greedy:
+    greedy_texts, _ = generate(params, cfg, tok, prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                               greedy=True)
+    out["oracle_greedy"] = float(np.mean([oracle(p, r) for p, r in zip(prompts, greedy_texts)]))
+    out["exact_greedy"] = float(np.mean([exact(p, r) for p, r in zip(prompts, greedy_texts)]))
   if reward_fn is not None:
     out["rm_score"] = float(np.mean(reward_fn(repeated, sampled)))
   if ref_params is not None:
     out["kl_to_sft"] = kl_to_reference(params, ref_params, cfg, batches)
-  out["examples"] = [(p, s, g) for p, s, g in zip(prompts[:6], sampled[::samples_per_prompt][:6], greedy[:6])]
+  out["examples"] = [(p, s, g) for p, s, g in zip(prompts[:6], sampled[::samples_per_prompt][:6], greedy_texts[:6])]
   return out
+
+
+def standard_error(x_P: np.ndarray) -> float:
+  """Standard error of the mean of per-prompt values: std (Bessel-corrected) / sqrt(P); 0 for one prompt."""
+  x_P = np.asarray(x_P, np.float64)
+  return float(np.std(x_P, ddof=1) / np.sqrt(len(x_P))) if len(x_P) > 1 else 0.0
+
+
+def corpus_loss(params, cfg: TransformerConfig, tok: Tokenizer, corpus: str, batches: int = 20, seq_len: int = 64,
+                batch_size: int = 32) -> float:
+  """Next-token loss per token on the first `batches` packed batch_size x seq_len rows of a text corpus."""
+  with tempfile.TemporaryDirectory() as tmp:
+    loader = data.make_lm_loader([corpus], tok, seq_len, batch_size, 0, tmp, train=False, local_device_count=1)
+    total = count = 0.0
+    for batch in itertools.islice(iter(loader), batches):
+      _, aux = _lm_loss(params, batch, cfg)
+      total, count = total + float(aux["loss"][0]), count + float(aux["loss"][1])
+  return total / count
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _lm_loss(params, batch, cfg: TransformerConfig):
+  return losses.lm_loss(params, batch, None, cfg=cfg)

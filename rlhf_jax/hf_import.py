@@ -278,6 +278,18 @@ def _specs(cfg: TransformerConfig, names=()) -> list[_Spec]:
   return _gpt2_specs(cfg, "" if bare else "transformer.")
 
 
+def params_from_hf(cfg: TransformerConfig, get, names=()) -> dict:
+  """Our params tree from HF-named tensors: `get(hf_name, hf_shape)` returns that tensor (shape checked)."""
+  params: dict = {}
+  for spec in _specs(cfg, names):
+    for path, leaf in zip(spec.paths, _to_ours(spec, get(spec.hf_name, spec.hf_shape))):
+      node = params
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = jnp.asarray(leaf, dtype=cfg.jnp_param_dtype)
+  return params
+
+
 def load_hf_checkpoint(directory: str, param_dtype: str = "float32",
                        dtype: str = "float32") -> tuple[TransformerConfig, dict]:
   """Reads a GPT2LMHeadModel / LlamaForCausalLM safetensors directory into (TransformerConfig, params)."""
@@ -286,16 +298,9 @@ def load_hf_checkpoint(directory: str, param_dtype: str = "float32",
   config_path = os.path.join(directory, CONFIG_FILE)
   cfg = config_from_hf(_read_json(config_path), config_path, param_dtype, dtype)
   weight_map = _weight_map(directory)
-  params: dict = {}
   with contextlib.ExitStack() as stack:
     reader = _Reader(weight_map, stack)
-    for spec in _specs(cfg, weight_map):
-      x = reader.get(spec.hf_name, spec.hf_shape, config_path)
-      for path, leaf in zip(spec.paths, _to_ours(spec, x)):
-        node = params
-        for key in path[:-1]:
-          node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(leaf, dtype=cfg.jnp_param_dtype)
+    params = params_from_hf(cfg, lambda name, shape: reader.get(name, shape, config_path), weight_map)
     ignored = _IGNORED[cfg.family]
     if cfg.tie_embeddings:  # a tied checkpoint may still store the head; like transformers, use the embedding
       ignored = re.compile(f"{ignored.pattern}|^lm_head\\.weight$")

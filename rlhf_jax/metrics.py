@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -144,6 +144,26 @@ def plot_curves(rows: Iterable[dict], keys: Iterable[str], png_path: str, title:
     ax.set_xlabel("step")
   if title:
     fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=80)
+  plt.close(fig)
+  return png_path
+
+
+def plot_frontier(curves: Mapping[str, Sequence[tuple[float, float]]], png_path: str, title: str = "",
+                  xlabel: str = "KL to SFT (nats per response)", ylabel: str = "held-out oracle score") -> str:
+  """One PNG: a line of (x, y) points per named curve (e.g. score against KL over training); returns the path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, pts in curves.items():
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title)
   fig.tight_layout()
   fig.savefig(png_path, dpi=80)
   plt.close(fig)

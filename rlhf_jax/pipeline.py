@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import evaluate, metrics, ppo, rankings, stages, tasks
+from rlhf_jax import evaluate, lora, metrics, ppo, rankings, stages, tasks
 from rlhf_jax.tokenizer import train_tokenizer
 
 
@@ -25,7 +25,8 @@ def _stage(steps: int, lr: float, batch_size: int, seq_len: int, warmup: int = 2
   return ml_collections.ConfigDict({
       "data": {"batch_size": batch_size, "seq_len": seq_len},
       "opt": {"lr": lr, "warmup_steps": warmup},
-      "train": {"num_steps": steps, "log_every": 25, "eval_every": 0, "checkpoint_every": steps}})
+      "train": {"num_steps": steps, "log_every": 25, "eval_every": 0, "checkpoint_every": steps},
+      "lora": lora.config().to_dict()})  # --config.sft.lora.rank=8: adapters on the previous stage's model
 
 
 ORACLE_SCALE = 4.0  # oracle reward = ORACLE_SCALE x score in [0, 1]: a spread like the RM's scores
@@ -43,7 +44,7 @@ def config() -> ml_collections.ConfigDict:
       seed=0,  # every generated file is a function of this seed
       num_corpus_docs=12000,  # pretraining documents
       num_demonstrations=8000,  # labeler (prompt, response) pairs for SFT (2000: SFT greedy 0.64 instead of 0.79)
-      num_rl_prompts=12800,  # PPO prompts (no other stage trains on them): 100 iterations x 64 prompts use half
+      num_rl_prompts=12800,  # PPO prompts (no other stage trains on them): 60 iterations x 64 prompts use 3840
       num_heldout_prompts=200,  # evaluation prompts (no stage trains on them)
       num_comparison_prompts=8000,   # the RM's own train-split prompts, ranked before the demonstrations' prompts
       demo_error_rate=0.25,  # share of wrong demonstrations (writing is hard)
@@ -58,16 +59,17 @@ def config() -> ml_collections.ConfigDict:
   cfg.pretrain = _stage(steps=500, lr=2e-3, batch_size=32, seq_len=64)  # next-token on the corpus
   cfg.sft = _stage(steps=800, lr=1e-3, batch_size=32, seq_len=64)  # demonstrations, loss on responses
   cfg.comparisons = ml_collections.ConfigDict(dict(
-      num_prompts=8000,  # prompts whose K SFT samples are ranked for RM training (3000: held-out accuracy 0.71)
+      num_prompts=4000,  # prompts whose K SFT samples are ranked for RM training (was 8000; 200 RM steps x 16
+      #                    records use 3200)
       num_heldout=200,  # held-out prompts ranked the same way for the RM's held-out accuracy
       temperature=1.0))  # sampling temperature of the candidates
-  cfg.reward = _stage(steps=500, lr=5e-4, batch_size=16, seq_len=48)  # Bradley–Terry on the comparisons
+  cfg.reward = _stage(steps=200, lr=5e-4, batch_size=16, seq_len=48)  # Bradley–Terry on the comparisons (was 500)
   cfg.reward.data.max_responses = 0  # Kmax, rows of a packed batch element; 0 = task.num_candidates
   cfg.reward.loss = ml_collections.ConfigDict(dict(
       lm_coef=1.0,  # + next-token loss on each best response (keeps the likelihood feature a language model)
       loglik_feature=True,  # score += a · log π_backbone(response | prompt), a learned (off: 0.70 vs 0.80-0.83)
       token_head=False))  # score += Σ_t u(h_t) over the response tokens
-  cfg.rl = _stage(steps=100, lr=1e-4, batch_size=16, seq_len=64, warmup=20)  # PPO: train.num_steps = iterations
+  cfg.rl = _stage(steps=60, lr=1e-4, batch_size=16, seq_len=64, warmup=20)  # PPO: num_steps = iterations (was 100)
   cfg.rl.data = ml_collections.ConfigDict(dict(
       prompt_len=16,  # P, prompts left-padded to this many tokens (the task's longest: 16 with bos at vocab 512)
       ptx_seq_len=64,  # packed pretraining rows for the ptx term
@@ -171,9 +173,15 @@ def _last_eval(workdir: str, key: str) -> float | None:
   return rows[-1][key] if rows else None
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) every stage, evaluates every policy on held-out prompts, writes table, plots, report."""
-  t0 = time.perf_counter()
+def oracle_metrics(prompts: list[str], responses: list[str]) -> dict:
+  """The mean task-oracle score of one PPO iteration's rollouts (logged as "oracle")."""
+  return {"oracle": float(np.mean([tasks.oracle_score(p, r) for p, r in zip(prompts, responses)]))}
+
+
+def base_stages(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict]:
+  """Task data, tokenizer, pretrain, SFT, comparisons and RM in `workdir` (each skipped when finished).
+
+  Returns (dirs: stage -> workdir, paths: task files + "comparisons_train" / "comparisons_heldout" ("" = none))."""
   os.makedirs(workdir, exist_ok=True)
   dirs = {s: os.path.join(workdir, s) for s in ("pretrain", "sft", "reward", "ppo")}
   # ---- data and tokenizer
@@ -190,21 +198,32 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- comparisons of SFT samples -> reward model
   comp_train = _comparisons(cfg, workdir, task_cfg, paths, dirs["sft"], "train")
   comp_eval = _comparisons(cfg, workdir, task_cfg, paths, dirs["sft"], "heldout")  # "" = none to rank
+  paths = dict(paths, comparisons_train=comp_train, comparisons_heldout=comp_eval)
   stages.run_reward(_stage_cfg(stages.reward_config(), ml_collections.ConfigDict(
       {**common, **cfg.reward, "data": {**cfg.reward.data, "train": comp_train, "eval": comp_eval,
                                         "max_responses": cfg.reward.data.max_responses or task_cfg.num_candidates,
                                         "normalize_on": paths["demonstrations"]},
        "train": {**cfg.reward.train, "init_from": dirs["sft"]}})), dirs["reward"])
-  # ---- PPO-ptx, logging the oracle score of each iteration's rollouts
-  oracle_fn = lambda prompts, responses: {"oracle": float(np.mean(
-      [tasks.oracle_score(p, r) for p, r in zip(prompts, responses)]))}
-  if cfg.rl_reward not in ("rm", "oracle"):
-    raise ValueError(f"config rl_reward={cfg.rl_reward!r}; expected 'rm' or 'oracle'")
-  ppo.run(_stage_cfg(ppo.config(), ml_collections.ConfigDict(
+  return dirs, paths
+
+
+def ppo_stage_config(cfg: ml_collections.ConfigDict, dirs: dict, paths: dict) -> ml_collections.ConfigDict:
+  """The PPO experiment's config with the pipeline's rl/ppo groups, from its SFT against its RM."""
+  return _stage_cfg(ppo.config(), ml_collections.ConfigDict(
       {**cfg.rl, "ppo": {**cfg.ppo, "reward_from": dirs["reward"]},
        "data": {**cfg.rl.data, "prompts": paths["rl_prompts"], "ptx": paths["corpus"]},
-       "train": {**cfg.rl.train, "init_from": dirs["sft"]}})), dirs["ppo"], extra_metrics=oracle_fn,
-      reward_fn=oracle_reward if cfg.rl_reward == "oracle" else None)
+       "train": {**cfg.rl.train, "init_from": dirs["sft"]}}))
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) every stage, evaluates every policy on held-out prompts, writes table, plots, report."""
+  t0 = time.perf_counter()
+  if cfg.rl_reward not in ("rm", "oracle"):
+    raise ValueError(f"config rl_reward={cfg.rl_reward!r}; expected 'rm' or 'oracle'")
+  dirs, paths = base_stages(cfg, workdir)
+  # ---- PPO-ptx, logging the oracle score of each iteration's rollouts
+  ppo.run(ppo_stage_config(cfg, dirs, paths), dirs["ppo"], extra_metrics=oracle_metrics,
+          reward_fn=oracle_reward if cfg.rl_reward == "oracle" else None)
   # ---- held-out evaluation of every policy
   results = evaluate_all(cfg, workdir, dirs, paths)
   results["reward_heldout_accuracy"] = _last_eval(dirs["reward"], "eval_accuracy")
@@ -213,9 +232,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+def heldout_prompts(cfg: ml_collections.ConfigDict, paths: dict) -> list[str]:
+  """The first eval.num_prompts held-out prompts (no stage trains on them)."""
+  return [json.loads(line)["prompt"] for line in open(paths["heldout_prompts"])][:cfg.eval.num_prompts]
+
+
 def evaluate_all(cfg, workdir: str, dirs: dict, paths: dict) -> dict:
   """Held-out metrics per policy (pretrain, SFT, PPO) against the SFT reference and the trained RM."""
-  prompts = [json.loads(line)["prompt"] for line in open(paths["heldout_prompts"])][:cfg.eval.num_prompts]
+  prompts = heldout_prompts(cfg, paths)
   sft_cfg, sft_params, tok = stages.load_policy(dirs["sft"])
   rm_cfg, rm_params, offset = stages.load_reward_model(dirs["reward"])
   reward_fn = lambda ps, rs: stages.score_texts(rm_params, rm_cfg, tok, ps, rs, cfg.reward.data.seq_len) - offset

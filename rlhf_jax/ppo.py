@@ -5,13 +5,18 @@ Per token t of a response: r_t = −β·kl_t (+ RM score on the last token), kl_
 configured estimator (k1 = log π − log π_SFT by default). GAE(γ_rl, λ) on the value network's V_t; advantages
 optionally whitened over the whole rollout batch (all devices). The update scans epochs × minibatches in one jit:
 L = L_clip(ρ, A, ε) + c_vf·L_V(ε_vf) − γ·(1/N_ptx)·Σ log π(x_ptx), gradients pmean'ed over devices.
-With `ppo.group_size` G > 1 every prompt is sampled G times and the advantage is RLOO's instead of GAE's: the RM
-score minus the mean of the other G − 1 scores of its prompt (a Bradley–Terry RM's per-prompt level is arbitrary),
-then the reward-to-go of the KL-shaped rewards: no critic, so no value network is built, scored or trained (the
-update costs one network's forward/backward instead of two). `run(reward_fn=...)` replaces the RM by a function.
+The critic-free methods (`ppo.advantage`, see ppo_config.py) sample every prompt G = `ppo.group_size` times:
+RLOO's advantage is the RM score minus the mean of the other G − 1 scores of its prompt (a Bradley–Terry RM's
+per-prompt level is arbitrary), then the reward-to-go of the KL-shaped rewards; GRPO's is `rl.group_advantages`
+of the group's scores on every token, with β·k3 in the loss (`kl_in="loss"`) and the loss aggregated per
+`loss_agg` (`rl.policy_loss_sums`). No critic: no value network is built, scored or trained (the update costs one
+network's forward/backward instead of two). `run(reward_fn=...)` replaces the RM by a function.
 
 Networks (InstructGPT's four): policy and value trained (`Trainable`), reference and reward model frozen
 (`Frozen`). The value network is a Transformer + ScalarHead, initialised from the RM or from SFT + a new head.
+With LoRA (`cfg.lora.rank` > 0) the trained groups are adapters: policy {"adapters"} on the frozen reference (the
+reference is the base with the adapters off: one copy), value {"adapters", "head"} on the RM's backbone
+(value_init="reward") or the reference ("sft"); `effective` merges them inside every compiled function.
 """
 from __future__ import annotations
 
@@ -28,8 +33,10 @@ import optax
 from absl import logging
 from flax import struct
 
-from rlhf_jax import checkpoint, data, losses, metrics, optimizer, parallel, rl, sampling, trainer
+from rlhf_jax import advantages, checkpoint, data, lora, losses, metrics, optimizer, parallel, rl, sampling, trainer
+from rlhf_jax.advantages import global_whiten, group_baselined  # noqa: F401  (re-exported)
 from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig
+from rlhf_jax.ppo_config import Hyper, config, ppo_config  # noqa: F401  (re-exported: ppo.Hyper, ppo.config, ...)
 
 
 @struct.dataclass
@@ -61,8 +68,9 @@ class Rollout:
   sequence_BxS: jax.Array  # prompt (left-padded, P slots) + response (T slots)
   segment_ids_BxS: jax.Array  # 1 on real tokens, 0 on padding
   positions_BxS: jax.Array
-  mask_BxT: jax.Array  # response tokens (float32)
+  mask_BxT: jax.Array  # response tokens (float32) of the rows the loss counts (dropped groups: 0)
   old_logp_BxT: jax.Array
+  ref_logp_BxT: jax.Array
   old_values_BxT: jax.Array
   advantages_BxT: jax.Array
   returns_BxT: jax.Array
@@ -74,6 +82,21 @@ class Models:
   policy: TransformerConfig = struct.field(pytree_node=False)
   value: TransformerConfig = struct.field(pytree_node=False)
   reward: TransformerConfig = struct.field(pytree_node=False)
+  lora: lora.Spec = struct.field(pytree_node=False, default=lora.Spec())  # rank 0: params are the full networks
+  value_base: str = struct.field(pytree_node=False, default="ref")  # LoRA value adapters on "ref" or "reward"
+
+
+def effective(params: Trainable, frozen: Frozen | None, models: Models) -> Trainable:
+  """The full networks: with LoRA, policy = merge(reference, adapters) and value = {merge(base, adapters), head}
+  (base: the reference or the RM backbone, `models.value_base`); without LoRA `params` itself."""
+  spec = models.lora
+  if not spec.enabled:
+    return params
+  value = None
+  if params.value is not None:
+    base = frozen.ref if models.value_base == "ref" else frozen.reward["backbone"]
+    value = lora.join(params.value, base, spec, "backbone")
+  return Trainable(policy=lora.join(params.policy, frozen.ref, spec), value=value)
 
 
 def response_logits(params, cfg: TransformerConfig, seq_BxS, seg_BxS, pos_BxS, T: int):
@@ -90,24 +113,6 @@ def values_of(value_params, cfg: TransformerConfig, seq_BxS, seg_BxS, pos_BxS, T
   return ScalarHead(cfg).apply({"params": value_params["head"]}, h_BxTxD)
 
 
-def global_whiten(x_BxT, mask_BxT):
-  """masked_whiten with mean and population variance over every device's valid entries."""
-  n = parallel.psum(jnp.sum(mask_BxT))
-  mean = parallel.psum(jnp.sum(x_BxT * mask_BxT)) / n
-  var = parallel.psum(jnp.sum(jnp.square(x_BxT - mean) * mask_BxT)) / n
-  return jnp.where(mask_BxT > 0, (x_BxT - mean) * jax.lax.rsqrt(var + 1e-8), 0.0)
-
-
-def group_baselined(score_B, G: int):
-  """Each score minus the mean of the other G - 1 scores of its group (rows g·G .. g·G + G - 1: the same prompt).
-
-  A Bradley–Terry RM is trained on within-prompt differences only, so its per-prompt level is arbitrary; the
-  leave-one-out baseline (RLOO) removes it before PPO sees it.
-  """
-  score_NxG = score_B.reshape(-1, G)
-  return (score_NxG - (jnp.sum(score_NxG, axis=1, keepdims=True) - score_NxG) / (G - 1)).reshape(-1)
-
-
 def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, kl_coef, score_offset, score_B=None, *,
                   models: Models, ppo) -> tuple[Rollout, dict]:
   """Per device: reference log-probs, values, RM scores, shaped rewards, GAE, (whitened) advantages.
@@ -116,6 +121,7 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
   `entropy_BxT`, computed while decoding; equal to a full forward's to float32 rounding), so scoring runs three
   forwards (reference, value, reward), not four. A given `score_B` (per response) replaces the RM's score.
   """
+  params = effective(params, frozen, models)
   T = samples.tokens_BxT.shape[1]
   seq, seg, pos = samples.sequence_BxPT, samples.sequence_mask_BxPT, samples.positions_BxPT
   mask_BxT = samples.mask_BxT.astype(jnp.float32)
@@ -132,15 +138,9 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
     score_B = losses.sequence_scores(frozen.reward, seq, pos, seg, last_B, predicting_BxS,
                                      cfg=models.reward) - score_offset
   kl_BxT = rl.kl_estimate(logp_BxT, ref_logp_BxT, ppo.kl_estimator) * mask_BxT
-  reward_B = group_baselined(score_B, ppo.group_size) if ppo.group_size > 1 else score_B
-  rewards_BxT = rl.shaped_rewards(reward_B, kl_BxT, mask_BxT, kl_coef)
-  if ppo.group_size > 1:  # RLOO: the group is the baseline, no critic; advantage = reward-to-go
-    adv_BxT, ret_BxT = rl.gae(jnp.zeros_like(values_BxT), rewards_BxT, mask_BxT, ppo.gamma, 1.0)
-  else:
-    adv_BxT, ret_BxT = rl.gae(values_BxT, rewards_BxT, mask_BxT, ppo.gamma, ppo.lam)
-  if ppo.whiten_advantages:
-    adv_BxT = global_whiten(adv_BxT, mask_BxT)
-  rollout = Rollout(seq, seg, pos, mask_BxT, logp_BxT, values_BxT, adv_BxT, ret_BxT)
+  adv_BxT, ret_BxT, loss_mask_BxT, keep_B = advantages.per_method(score_B, kl_BxT, values_BxT, mask_BxT, kl_coef,
+                                                                  ppo)
+  rollout = Rollout(seq, seg, pos, loss_mask_BxT, logp_BxT, ref_logp_BxT, values_BxT, adv_BxT, ret_BxT)
   B, n = jnp.float32(score_B.shape[0]), jnp.sum(mask_BxT)
   res_BxT = (ret_BxT - values_BxT) * mask_BxT
   sums = {"score": (jnp.sum(score_B), B), "score_sq": (jnp.sum(score_B ** 2), B),
@@ -150,31 +150,50 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
           "ended_with_eos": (jnp.sum(samples.ended_with_eos_B), B),
           "ret": (jnp.sum(ret_BxT), n), "ret_sq": (jnp.sum(ret_BxT ** 2), n),
           "res": (jnp.sum(res_BxT), n), "res_sq": (jnp.sum(res_BxT ** 2), n)}
+  if ppo.group_size > 1:
+    groups = jnp.float32(score_B.shape[0] // ppo.group_size)
+    sums["dropped_groups"] = (groups - jnp.sum(keep_B) / ppo.group_size, groups)
   return rollout, parallel.psum(sums)
 
 
 def ppo_loss(params: Trainable, mb: dict, rng, *, models: Models, ppo):
-  """Summed minibatch loss (policy + c_vf·value over response tokens, + γ·ptx rescaled to the same count)."""
+  """Summed minibatch loss: the policy loss aggregated per `ppo.loss_agg` (numerator; its denominator is the
+  count) + c_vf × the value loss's token mean × that count, + γ·ptx rescaled to the same count."""
   r: Rollout = mb["rollout"]
+  params = effective(params, mb.get("frozen"), models)  # LoRA: the base is an input, never differentiated
   T = r.mask_BxT.shape[1]
   logits_BxTxV, _ = response_logits(params.policy, models.policy, r.sequence_BxS, r.segment_ids_BxS,
                                     r.positions_BxS, T)
   logp_BxT = rl.token_logprobs(logits_BxTxV, r.sequence_BxS[:, -T:])
-  pg, pg_aux = rl.ppo_policy_loss(logp_BxT, r.old_logp_BxT, r.advantages_BxT, r.mask_BxT, ppo.clip_eps)
-  vf, vf_aux = jnp.float32(0.0), {"vf_clipfrac": jnp.float32(0.0)}  # RLOO (params.value None): no critic
+  pg_num, count, pg_sums = rl.policy_loss_sums(
+      logp_BxT, r.old_logp_BxT, r.ref_logp_BxT if ppo.kl_in == "loss" else None, r.advantages_BxT, r.mask_BxT,
+      jnp.sum(r.mask_BxT, axis=1) > 0, clip_low=ppo.clip_low, clip_high=ppo.clip_high, kl_coef=mb["kl_coef"],
+      loss_agg=ppo.loss_agg, ratio_level=ppo.ratio_level)
+  pg = pg_num / jnp.maximum(count, 1.0)
+  vf, vf_aux = jnp.float32(0.0), {"vf_clipfrac": jnp.float32(0.0)}  # critic-free (params.value None)
   if params.value is not None:
     values_BxT = values_of(params.value, models.value, r.sequence_BxS, r.segment_ids_BxS, r.positions_BxS, T)
     vf, vf_aux = rl.ppo_value_loss(values_BxT, r.old_values_BxT, r.returns_BxT, r.mask_BxT, ppo.vf_clip)
   n = jnp.sum(r.mask_BxT)
-  loss_sum = (pg + ppo.vf_coef * vf) * n
-  aux = {"policy_loss": (pg * n, n), "value_loss": (vf * n, n), "clipfrac": (pg_aux["clipfrac"] * n, n),
-         "approx_kl": (pg_aux["approx_kl"] * n, n), "vf_clipfrac": (vf_aux["vf_clipfrac"] * n, n)}
+  loss_sum = (pg + ppo.vf_coef * vf) * count
+  aux = {"policy_loss": (pg * count, count), "value_loss": (vf * n, n), "vf_clipfrac": (vf_aux["vf_clipfrac"] * n, n),
+         "clipfrac": (pg_sums["clipfrac_low"] + pg_sums["clipfrac_high"], n)}
+  aux.update({k: (v, n) for k, v in pg_sums.items() if k != "kl"})
+  if ppo.kl_in == "loss":
+    aux["loss_kl"] = (pg_sums["kl"], n)  # token mean of k3(π‖π_ref) under the current policy
   if ppo.ptx_coef > 0:
     ptx_sum, ptx_aux = losses.lm_loss(params.policy, mb["ptx"], rng, cfg=models.policy)
     loss_sum = loss_sum + ppo.ptx_coef * ptx_sum * mb["ptx_scale"]
     aux["ptx_loss"] = ptx_aux["loss"]
-  aux["loss"] = (loss_sum, n)
+  aux["loss"] = (loss_sum, count)
   return loss_sum, aux
+
+
+def loss_count(mask_BxT, ppo):
+  """This device's denominator of the policy loss: valid tokens (bnpo, dapo) or counted sequences (grpo, dr_grpo)."""
+  if ppo.loss_agg in ("grpo", "dr_grpo"):
+    return jnp.sum(jnp.sum(mask_BxT, axis=1) > 0).astype(jnp.float32)
+  return jnp.sum(mask_BxT)
 
 
 def _minibatches(tree, perm_b, M: int):
@@ -182,12 +201,15 @@ def _minibatches(tree, perm_b, M: int):
   return jax.tree.map(lambda x: x[perm_b].reshape((M, x.shape[0] // M) + x.shape[1:]), tree)
 
 
-def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, *, tx: optax.GradientTransformation,
-               models: Models, ppo) -> tuple[PPOState, dict]:
-  """Per device: `ppo_epochs` × `minibatches` clipped PPO(-ptx) steps in one nested lax.scan; metrics (sum, count)."""
+def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, kl_coef=0.0, frozen: Frozen | None = None, *,
+               tx: optax.GradientTransformation, models: Models, ppo) -> tuple[PPOState, dict]:
+  """Per device: `ppo_epochs` × `minibatches` clipped PPO(-ptx) steps in one nested lax.scan; metrics (sum, count).
+
+  `kl_coef` (β, traced) weighs the k3 term of the loss when `ppo.kl_in == "loss"` (ignored otherwise); `frozen`
+  (LoRA): the bases the adapters are merged into."""
   M, b = ppo.minibatches, rollout.mask_BxT.shape[0]
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), parallel.device_index())
-  n_global = parallel.psum(jnp.sum(rollout.mask_BxT))
+  n_global = parallel.psum(loss_count(rollout.mask_BxT, ppo))
   ptx_mbs = None
   if ptx is not None:  # one pretraining batch per iteration, split over the minibatches, reused each epoch
     ptx_mbs = _minibatches(ptx, jnp.arange(ptx["inputs"].shape[0]), M)
@@ -197,7 +219,7 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, *, tx: optax
   def minibatch(carry, xs):
     params, opt_state = carry
     mb_rollout, mb_ptx, key = xs
-    mb = {"rollout": mb_rollout}
+    mb = {"rollout": mb_rollout, "kl_coef": kl_coef, "frozen": frozen}
     if mb_ptx is not None:
       mb.update(ptx=mb_ptx, ptx_scale=ptx_scale)
     aux, grads = trainer.mean_grads(loss_fn, params, mb, key)
@@ -220,82 +242,6 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, *, tx: optax
 
 
 # ------------------------------------------------------------------------------------------ host side
-
-
-@dataclasses.dataclass(frozen=True)
-class Hyper:
-  """PPO hyper-parameters the compiled functions close over (hashable; from `cfg.ppo`)."""
-  kl_estimator: str
-  gamma: float
-  lam: float
-  clip_eps: float
-  vf_clip: float
-  vf_coef: float
-  ptx_coef: float
-  whiten_advantages: bool
-  ppo_epochs: int
-  minibatches: int
-  group_size: int = 1
-
-  @classmethod
-  def from_config(cls, ppo) -> "Hyper":
-    if ppo.kl_estimator not in rl.KL_ESTIMATORS:
-      raise ValueError(f"config ppo.kl_estimator={ppo.kl_estimator!r}; expected one of {rl.KL_ESTIMATORS}")
-    for field in ("ppo_epochs", "minibatches", "group_size"):
-      if ppo[field] < 1:
-        raise ValueError(f"config ppo.{field}={ppo[field]} must be >= 1")
-    return cls(**{f.name: ppo[f.name] for f in dataclasses.fields(cls)})
-
-
-def ppo_config() -> ml_collections.ConfigDict:
-  """The `cfg.ppo` group: the ablation knobs of InstructGPT's PPO-ptx."""
-  p = ml_collections.ConfigDict()
-  p.reward_from = ""  # reward-model workdir (frozen RM; its reward_offset.json is subtracted)
-  p.value_init = "reward"  # value network from the RM ("reward") or SFT backbone + fresh head ("sft"); RLOO has none
-  p.kl_coef = 0.05  # β, per-token KL penalty to the SFT policy (initial value when adaptive)
-  p.adaptive_kl = False  # Ziegler et al. adaptive β towards kl_target
-  p.kl_target = 3.0  # target KL per response (nats, summed over tokens) for adaptive β
-  p.kl_horizon = 10000  # adaptive β horizon (in rollout samples)
-  p.kl_estimator = "k1"  # per-token KL estimator in the reward: k1 | k2 | k3
-  p.ptx_coef = 1.0  # γ, pretraining-mix coefficient (0 = plain PPO)
-  p.clip_eps = 0.2  # policy ratio clip ε
-  p.vf_clip = 0.2  # value clip around the old values
-  p.vf_coef = 0.5  # value-loss weight
-  p.gamma = 1.0  # discount
-  p.lam = 0.95  # GAE λ
-  p.whiten_advantages = True  # normalise advantages over the rollout batch
-  p.ppo_epochs = 2  # passes over each rollout batch
-  p.minibatches = 2  # minibatches per epoch (per device rows must divide)
-  p.rollout_batch = 32  # responses per iteration (global; divisible by devices × minibatches)
-  p.group_size = 1  # responses per prompt; > 1: RLOO (score minus its group's leave-one-out mean; no value network)
-  p.temperature = 1.0  # rollout sampling temperature
-  p.top_k = 0  # rollout top-k (0 = off)
-  p.top_p = 1.0  # rollout nucleus (1 = off)
-  p.max_new_tokens = 16  # response length cap
-  p.sample_every = 10  # iterations between logged sample completions (0 = never)
-  return p
-
-
-def config() -> ml_collections.ConfigDict:
-  """The whole config of the PPO experiment: data (prompts, ptx), ppo knobs, optimizer, iterations."""
-  cfg = ml_collections.ConfigDict()
-  cfg.data = ml_collections.ConfigDict()
-  cfg.data.prompts = ""  # RL prompts JSONL {"prompt"} (or tfds:NAME)
-  cfg.data.ptx = ""  # pretraining text for the ptx term (required when ppo.ptx_coef > 0)
-  cfg.data.prompt_len = 32  # P: prompts are left-padded to this many tokens (incl. bos)
-  cfg.data.truncate = False  # cut prompts longer than prompt_len from the left instead of raising
-  cfg.data.ptx_seq_len = 64  # packed pretraining rows for the ptx term
-  cfg.data.ptx_batch_size = 16  # ptx rows per iteration (split over the minibatches)
-  cfg.data.seed = 0  # prompt order
-  cfg.ppo = ppo_config()
-  cfg.opt = optimizer.default_config(lr=2e-5)
-  cfg.opt.warmup_steps = 0
-  cfg.opt.schedule = "constant"
-  cfg.opt.weight_decay = 0.0
-  cfg.train = trainer.train_config(num_steps=100)  # num_steps = PPO iterations (rollout + update)
-  cfg.train.log_every = 1
-  cfg.train.checkpoint_every = 25
-  return cfg
 
 
 def _controller(ppo):
@@ -327,11 +273,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   from rlhf_jax import stages  # stage plumbing (loading SFT/RM workdirs, data files)
   # ---- inputs, validated before anything is written
   hyper = Hyper.from_config(cfg.ppo)
+  spec = lora.Spec.from_config(cfg.lora)
   if cfg.ppo.value_init not in ("reward", "sft"):
     raise ValueError(f"config ppo.value_init={cfg.ppo.value_init!r}; expected 'reward' or 'sft'")
   if not cfg.train.init_from:
     raise ValueError("config train.init_from is empty: give the SFT workdir (policy and reference)")
-  critic = hyper.group_size == 1  # RLOO (group_size > 1) has no value network
+  critic = hyper.critic  # RLOO and GRPO have no value network
   if not cfg.ppo.reward_from and (reward_fn is None or (critic and cfg.ppo.value_init == "reward")):
     raise ValueError("config ppo.reward_from is empty: give the reward-model workdir" +
                      (" (with a reward function it only initialises the value network: or set ppo.value_init="
@@ -339,6 +286,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   prompt_files = stages.checked_files(cfg.data.prompts, "data.prompts")
   ptx_files = stages.checked_files(cfg.data.ptx, "data.ptx") if hyper.ptx_coef > 0 else None
   policy_cfg, sft_params, tok = stages.load_policy(cfg.train.init_from)
+  tok = stages.chat_tokenizer(cfg, tok)
   rm_cfg, rm_params, offset = (stages.load_reward_model(cfg.ppo.reward_from) if cfg.ppo.reward_from
                                 else (policy_cfg, None, 0.0))
   if rm_cfg.vocab_size != policy_cfg.vocab_size:
@@ -370,6 +318,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
                        f"by ppo.minibatches={hyper.minibatches}")
 
   # ---- networks and state: resume > SFT/RM init
+  if checkpoint.has_checkpoint(workdir):
+    lora.check_resume(stages._source_meta(workdir).get("lora"), spec, workdir)
+  if spec.enabled:  # the frozen reference (and RM) are the LoRA bases
+    sft_params = lora.cast_base(sft_params, cfg.lora.base_dtype)
+    rm_params = rm_params if rm_params is None else dict(rm_params, backbone=lora.cast_base(rm_params["backbone"],
+                                                                                          cfg.lora.base_dtype))
   if not critic:
     value_cfg, value_params = policy_cfg, None
   elif cfg.ppo.value_init == "reward":
@@ -377,12 +331,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   else:
     value_cfg = policy_cfg
     value_params = stages.fresh_reward_params(policy_cfg, jax.random.PRNGKey(cfg.train.seed), backbone=sft_params)
-  models = Models(policy_cfg, value_cfg, rm_cfg)
+  models = Models(policy_cfg, value_cfg, rm_cfg, spec, "reward" if cfg.ppo.value_init == "reward" else "ref")
   num_updates = cfg.train.num_steps * hyper.ppo_epochs * hyper.minibatches
   tx = optimizer.make_optimizer(cfg.opt, num_updates)
 
   def fresh() -> PPOState:
     params = Trainable(policy=sft_params, value=value_params)
+    if spec.enabled:  # adapters (+ the value head) train; the SFT / RM params stay frozen
+      k1, k2 = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+      params = Trainable(policy=lora.split(sft_params, spec, k1)[0],
+                         value=None if value_params is None else lora.split(value_params, spec, k2, "backbone")[0])
     return PPOState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(cfg.train.seed))
 
   ctl = _controller(cfg.ppo)
@@ -400,6 +358,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
     state = fresh()
   meta = {"stage": "ppo", "model": dataclasses.asdict(policy_cfg), "sft": cfg.train.init_from,
           "reward": cfg.ppo.reward_from if reward_fn is None else f"reward_fn {getattr(reward_fn, '__name__', '')}"}
+  if spec.enabled:
+    meta.update(lora={**spec.meta(), "base_dtype": cfg.lora.base_dtype}, lora_base=cfg.train.init_from)
 
   # ---- compiled functions (pmapped over local devices)
   sampler = sampling.make_sampler(parallel.pmap, policy_cfg, max_new_tokens=cfg.ppo.max_new_tokens,
@@ -407,6 +367,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
                                   eos_id=tok.eos_id, pad_id=tok.pad_id)
   p_score = parallel.pmap(functools.partial(score_rollout, models=models, ppo=hyper))
   p_update = parallel.pmap(functools.partial(ppo_update, tx=tx, models=models, ppo=hyper), donate_argnums=(0,))
+  p_policy = parallel.pmap(lambda params, frozen: effective(params, frozen, models).policy)  # LoRA: merged to sample
   n_dev = parallel.device_count()
   state_R = parallel.replicate(state)
   frozen_R = parallel.replicate(Frozen(ref=sft_params, reward=rm_params))
@@ -424,7 +385,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       t0 = time.perf_counter()
       rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed + 1), it), n_dev)
       sharded = parallel.shard_batch(batch, "config ppo.rollout_batch")
-      samples = sampler(state_R.params.policy, sharded["prompt_tokens"], sharded["prompt_mask"], rngs)
+      policy_R = p_policy(state_R.params, frozen_R) if spec.enabled else state_R.params.policy
+      samples = sampler(policy_R, sharded["prompt_tokens"], sharded["prompt_mask"], rngs)
       jax.block_until_ready(samples.tokens_BxT)
       t1 = time.perf_counter()
       kl_R = parallel.replicate(np.float32(ctl.value))
@@ -440,7 +402,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       ptx = parallel.shard_batch(next(ptx_loader), "config data.ptx_batch_size") if ptx_loader else None
       if it == cfg.train.nan_at_step:
         rollout = rollout.replace(advantages_BxT=rollout.advantages_BxT * np.nan)
-      state_R, update_sums = p_update(state_R, rollout, ptx)
+      del policy_R  # LoRA: the merged copy is freed before the update
+      state_R, update_sums = p_update(state_R, rollout, ptx, kl_R, frozen_R if spec.enabled else None)
       m = _host_metrics({**jax.tree.map(lambda x: x[0], score_sums), **jax.tree.map(lambda x: x[0], update_sums)})
       t2 = time.perf_counter()
       metrics.check_finite(m, it, "ppo")
@@ -448,7 +411,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       ctl.update(m["kl"], cfg.ppo.rollout_batch)
       line = progress.update(it, float(np.sum(batch["prompt_mask"]) + m["response_length"] * len(prompts)))
       if it % cfg.train.log_every == 0 or it == cfg.train.num_steps:
-        logging.info("ppo %s  score %.3f  kl %.3f  clipfrac %.3f", line, m["score"], m["kl"], m["clipfrac"])
+        logging.info("ppo %s  score %.3f  kl %.3f  clipfrac %.3f (low %.3f high %.3f)", line, m["score"], m["kl"],
+                     m["clipfrac"], m["clipfrac_low"], m["clipfrac_high"])
       if extra_metrics:
         m.update(extra_metrics(prompts, texts))
       if cfg.ppo.sample_every and it % cfg.ppo.sample_every == 0:

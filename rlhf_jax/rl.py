@@ -1,4 +1,5 @@
-"""Pure RL math for PPO-ptx and the reward model: log-probs, KL estimators, shaped rewards, GAE, PPO losses.
+"""Pure RL math for PPO-ptx, GRPO and the reward model: log-probs, KL estimators, shaped rewards, GAE, group
+advantages, PPO / GRPO (DAPO, Dr. GRPO, GSPO) policy losses.
 
 Every array function is pure `jnp` and jit-able; string arguments (`estimator`) are static. Masks are 0/1
 (bool, int or float) and may have leading zeros (left padding), trailing zeros (right padding) or both.
@@ -15,6 +16,9 @@ import jax
 import jax.numpy as jnp
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+GROUP_SCALES = ("group", "batch", "none")  # group_advantages' divisor: group std, batch std, none (Dr. GRPO)
+LOSS_AGGS = ("grpo", "bnpo", "dapo", "dr_grpo")  # grpo_policy_loss' aggregation over tokens and sequences
+RATIO_LEVELS = ("token", "sequence")  # importance ratio per token (PPO/GRPO) or per sequence (GSPO)
 _WHITEN_EPS = 1e-8
 
 
@@ -163,6 +167,27 @@ def gae(values_BxT, rewards_BxT, mask_BxT, gamma, lam):
   return advantages_BxT, returns_BxT
 
 
+def group_advantages(score_B, group_size, scale="group", eps=1e-4):
+  """GRPO's group-relative advantage per response; rows g·G … g·G+G−1 are one prompt's group of G = group_size:
+
+  A_i = (r_i − r̄_g) / (σ + eps), r̄_g the group mean and σ the Bessel-corrected std √(Σ(r − r̄)² / (n − 1)) of the
+  group (scale="group": DeepSeekMath's GRPO, TRL's default) or of all B scores (scale="batch"; the centring stays
+  per group); scale="none" (Dr. GRPO): A_i = r_i − r̄_g. A group whose scores are all equal gets A = 0.
+  """
+  if scale not in GROUP_SCALES:
+    raise ValueError(f"rl.group_advantages: scale={scale!r}; expected one of {GROUP_SCALES}")
+  shape, G = tuple(jnp.shape(score_B)), int(group_size)
+  if len(shape) != 1 or G < 2 or shape[0] % G:
+    raise ValueError(f"rl.group_advantages: score shape {shape} must be (B,) with B a multiple of group_size="
+                     f"{group_size} >= 2")
+  r_NxG = _f32(score_B).reshape(-1, G)
+  centred_NxG = r_NxG - jnp.mean(r_NxG, axis=1, keepdims=True)
+  if scale == "none":
+    return centred_NxG.reshape(-1)
+  std = jnp.std(r_NxG, axis=1, ddof=1, keepdims=True) if scale == "group" else jnp.std(r_NxG, ddof=1)
+  return (centred_NxG / (std + eps)).reshape(-1)
+
+
 # ----------------------------------------------------------------------------------------------- PPO losses
 
 
@@ -184,6 +209,73 @@ def ppo_policy_loss(logp_BxT, old_logp_BxT, advantages_BxT, mask_BxT, clip_eps):
   aux = {"clipfrac": masked_mean(clipped_BxT < unclipped_BxT, mask_BxT),
          "approx_kl": masked_mean(0.5 * jnp.square(log_ratio_BxT), mask_BxT)}
   return loss, aux
+
+
+def policy_loss_sums(logp_BxT, old_logp_BxT, ref_logp_BxT, advantages_BxT, mask_BxT, rows_B, *, clip_low,
+                     clip_high, kl_coef=0.0, loss_agg="bnpo", ratio_level="token", max_len=None):
+  """(numerator, denominator, token sums) of `grpo_policy_loss` (see there), for a loss summed over devices or
+  minibatches: loss = numerator / denominator. `rows_B` (0/1) marks the sequences the "grpo" and "dr_grpo"
+  aggregations count (a dropped group's rows: 0); `ref_logp_BxT=None` leaves out the k3 term. Token sums over
+  the valid tokens: "clipfrac_low", "clipfrac_high", "approx_kl", "kl" (k3; 0 without a reference)."""
+  if loss_agg not in LOSS_AGGS:
+    raise ValueError(f"rl.grpo_policy_loss: loss_agg={loss_agg!r}; expected one of {LOSS_AGGS}")
+  if ratio_level not in RATIO_LEVELS:
+    raise ValueError(f"rl.grpo_policy_loss: ratio_level={ratio_level!r}; expected one of {RATIO_LEVELS}")
+  _check_same_shape("grpo_policy_loss", logp=logp_BxT, old_logp=old_logp_BxT, advantages=advantages_BxT,
+                    mask=mask_BxT)
+  valid_BxT = _valid(mask_BxT)
+  log_ratio_BxT = _zero_out(logp_BxT, mask_BxT) - _zero_out(old_logp_BxT, mask_BxT)
+  if ratio_level == "sequence":  # GSPO: log ρ_b = mean over the sequence's valid tokens of log ρ_t
+    seq_BxT = jnp.broadcast_to(masked_mean(log_ratio_BxT, mask_BxT, axis=1, keepdims=True), log_ratio_BxT.shape)
+    ratio_BxT = jnp.exp(jnp.where(valid_BxT, seq_BxT, 0.0))
+  else:
+    ratio_BxT = jnp.exp(log_ratio_BxT)
+  adv_BxT = _zero_out(advantages_BxT, mask_BxT)
+  unclipped_BxT = ratio_BxT * adv_BxT
+  clipped_BxT = jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high) * adv_BxT
+  loss_BxT = -jnp.minimum(unclipped_BxT, clipped_BxT)
+  kl_BxT = jnp.zeros_like(loss_BxT)
+  if ref_logp_BxT is not None:
+    kl_BxT = jnp.where(valid_BxT, kl_estimate(_zero_out(logp_BxT, mask_BxT), _zero_out(ref_logp_BxT, mask_BxT),
+                                              "k3"), 0.0)
+    loss_BxT = loss_BxT + _f32(kl_coef) * kl_BxT
+  rows_B = _f32(rows_B)
+  if loss_agg == "grpo":
+    num, den = jnp.sum(masked_mean(loss_BxT, mask_BxT, axis=1) * rows_B), jnp.sum(rows_B)
+  elif loss_agg == "dr_grpo":
+    num = masked_sum(loss_BxT, mask_BxT) / (mask_BxT.shape[1] if max_len is None else max_len)
+    den = jnp.sum(rows_B)
+  else:  # bnpo, dapo: every valid token of the batch weighs the same
+    num, den = masked_sum(loss_BxT, mask_BxT), jnp.sum(valid_BxT).astype(jnp.float32)
+  sums = {"clipfrac_low": masked_sum((ratio_BxT < 1.0 - clip_low) & (adv_BxT < 0), mask_BxT),
+          "clipfrac_high": masked_sum((ratio_BxT > 1.0 + clip_high) & (adv_BxT > 0), mask_BxT),
+          "approx_kl": masked_sum(0.5 * jnp.square(log_ratio_BxT), mask_BxT), "kl": masked_sum(kl_BxT, mask_BxT)}
+  return num, den, sums
+
+
+def grpo_policy_loss(logp_BxT, old_logp_BxT, ref_logp_BxT, advantages_B, mask_BxT, *, clip_low=0.2, clip_high=0.2,
+                     kl_coef=0.0, loss_agg="grpo", ratio_level="token", max_len=None):
+  """GRPO-family clipped surrogate with a k3 KL penalty; per valid token t of sequence b, ρ = exp(logp − old_logp):
+
+  ℓ_bt = −min(ρ A_b, clip(ρ, 1 − clip_low, 1 + clip_high) A_b) + kl_coef·k3,
+  k3 = exp(ref − logp) − (ref − logp) − 1 (KL(π‖π_ref), unbiased, ≥ 0; DeepSeekMath's estimator);
+  loss_agg "grpo": mean_b (mean over b's valid tokens of ℓ_bt); "bnpo" and "dapo": mean over all valid tokens of
+  the batch (DAPO's token-level loss); "dr_grpo": Σ_bt ℓ_bt / (B · max_len) (max_len None: T).
+  ratio_level="sequence" (GSPO): ρ_b = exp(mean over b's valid tokens of (logp − old_logp)) for all of b's tokens.
+  advantages_B may also be per token (BxT). aux (token means): "clipfrac_low" (ρ < 1 − clip_low where A < 0),
+  "clipfrac_high" (ρ > 1 + clip_high where A > 0), "clipfrac" (their sum: clipping active), "approx_kl"
+  (½(logp − old_logp)², k2 of KL(π_old‖π)), "kl" (k3 of KL(π‖π_ref)).
+  """
+  adv = jnp.asarray(advantages_B)
+  adv_BxT = jnp.broadcast_to(adv[:, None], jnp.shape(mask_BxT)) if adv.ndim == 1 else adv
+  rows_B = jnp.ones(jnp.shape(mask_BxT)[:1], jnp.float32)
+  num, den, sums = policy_loss_sums(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, mask_BxT, rows_B,
+                                    clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef, loss_agg=loss_agg,
+                                    ratio_level=ratio_level, max_len=max_len)
+  n = jnp.maximum(jnp.sum(_valid(mask_BxT)).astype(jnp.float32), 1.0)
+  aux = {k: v / n for k, v in sums.items()}
+  aux["clipfrac"] = aux["clipfrac_low"] + aux["clipfrac_high"]
+  return num / jnp.maximum(den, 1.0), aux
 
 
 def ppo_value_loss(values_BxT, old_values_BxT, returns_BxT, mask_BxT, clip_eps):

@@ -102,22 +102,33 @@ def ppo_cfg(files, sft: str, rm: str, steps: int = 2):
 
 
 def pipeline(tmp_path_factory) -> dict[str, str]:
-  """Task files, finished tiny pretrain, SFT (lr = 0) and RM workdirs, a JAX cache dir (built once a process).
+  """Task files, finished tiny pretrain, SFT (lr = 0) and RM workdirs, a JAX cache dir (built once a session: the
+  first pytest-xdist worker builds them under a file lock, the others read its done.json).
 
   The RM (init_from the SFT workdir) trains RM_STEPS steps on the easy comparisons, is evaluated on the held-out
   ones (all 64 pairs) and normalised on the demonstrations (reward_offset.json).
   """
+  import fcntl
   if "pipeline" in _CACHE:
     return _CACHE["pipeline"]
-  root = str(tmp_path_factory.mktemp("pipeline"))
-  files = dict(task_files(root))
-  files["pretrain"], files["sft"], files["rm"] = (os.path.join(root, d) for d in ("pretrain", "sft", "rm"))
-  files["jax_cache"] = os.path.join(root, "jax_cache")  # persistent compilation cache shared by `run_main` calls
-  stages.run_lm(pretrain_cfg(files), files["pretrain"], "pretrain")
-  stages.run_lm(sft_cfg(files, files["pretrain"]), files["sft"], "sft")
-  stages.run_reward(reward_cfg(files, files["sft"]), files["rm"])
-  _CACHE["pipeline"] = files
-  return files
+  base = tmp_path_factory.getbasetemp()
+  root = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-pipeline")  # one a session
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = os.path.join(root, "done.json")
+    if not os.path.exists(done):
+      files = dict(task_files(root))
+      files["pretrain"], files["sft"], files["rm"] = (os.path.join(root, d) for d in ("pretrain", "sft", "rm"))
+      files["jax_cache"] = os.path.join(root, "jax_cache")  # persistent compilation cache shared by `run_main`
+      stages.run_lm(pretrain_cfg(files), files["pretrain"], "pretrain")
+      stages.run_lm(sft_cfg(files, files["pretrain"]), files["sft"], "sft")
+      stages.run_reward(reward_cfg(files, files["sft"]), files["rm"])
+      with open(done, "w") as f:
+        json.dump(files, f)
+    with open(done) as f:
+      _CACHE["pipeline"] = json.load(f)
+  return _CACHE["pipeline"]
 
 
 def tiny_flags(**flags) -> dict:

@@ -1,16 +1,19 @@
-"""The main job end to end at a seconds-scale size: every stage, the table, plots and report; a re-run resumes."""
+"""The main job end to end at a seconds-scale size: every stage, the table, plots and report; a re-run resumes;
+then `experiments.compare` on the same workdir (its base stages reused): every method, the table, the frontier."""
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 
+from experiments.configs import compare as compare_config
 from experiments.configs import pipeline as pipeline_config
-from rlhf_jax import evaluate, pipeline, stages
+from rlhf_jax import checkpoint, compare, evaluate, pipeline, stages
 
 
-def _tiny_config():
-  cfg = pipeline_config.get_config()
+def _tiny_config(cfg=None):
+  cfg = cfg or pipeline_config.get_config()
   cfg.task.update(dict(num_corpus_docs=300, num_demonstrations=120, num_rl_prompts=40, num_heldout_prompts=16,
                        num_comparison_prompts=30, num_candidates=5))  # K > the RM's default Kmax of 4
   cfg.model.update(dict(d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=1))
@@ -40,8 +43,14 @@ def _snapshot(workdir):
   return out
 
 
-def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, capsys, monkeypatch):
-  workdir = str(tmp_path / "demo")
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+  """One tiny pipeline workdir: the pipeline test builds it, the compare test reuses its base stages."""
+  return str(tmp_path_factory.mktemp("demo"))
+
+
+def test_tiny_pipeline_end_to_end_then_resumes(demo_dir, capsys, monkeypatch):
+  workdir = demo_dir
   reward_cfgs, run_reward = [], stages.run_reward
   monkeypatch.setattr(stages, "run_reward", lambda cfg, wd: reward_cfgs.append(cfg) or run_reward(cfg, wd))
   results = pipeline.run(_tiny_config(), workdir)
@@ -88,3 +97,68 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, capsys, monkeypatch):
   again = pipeline.run(_tiny_config(), workdir)
   assert _snapshot(workdir) == before  # nothing retrained, no comparisons re-sampled
   assert again["stages"]["ppo"]["oracle_greedy"] == results["stages"]["ppo"]["oracle_greedy"]
+
+
+def _tiny_compare_config():
+  cfg = _tiny_config(compare_config.get_config())
+  cfg.compare.update(dict(run="ppo_gae,rloo,grpo,dapo,dpo,ipo,best_of_n", budget=16, points=2, best_of_n=(1, 2, 4), eval_samples=2))
+  return cfg
+
+
+def test_tiny_compare_reuses_the_pipeline_workdir_then_resumes(demo_dir, capsys):
+  workdir = demo_dir  # pretrain, SFT, comparisons and RM of the pipeline test (built here when run alone)
+  base = {s: checkpoint.saved_steps(os.path.join(workdir, s)) for s in ("pretrain", "sft", "reward")}
+  results = compare.run(_tiny_compare_config(), workdir)
+  names = ["ppo_gae", "rloo", "grpo", "dapo", "dpo", "ipo", "best_of_n"]
+  assert set(results) == {"sft", *names}
+  sft = results["sft"]["final"]
+  assert sft["kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and sft["corpus_loss"] > 0
+  for name in names[:4]:  # 16 responses / 8 per iteration = 2 iterations, a checkpoint at each
+    assert checkpoint.saved_steps(os.path.join(workdir, "compare", name)) == [1, 2]
+    assert [p["step"] for p in results[name]["frontier"]] == [1, 2]
+    final = results[name]["final"]
+    for key in compare.COLUMNS[:-1]:
+      assert isinstance(final[key], float), (name, key)
+    assert results[name]["frontier"][0]["oracle_greedy"] is None  # only the last point is evaluated greedy
+  if all(base.values()):
+    assert {s: checkpoint.saved_steps(os.path.join(workdir, s)) for s in base} == base  # not retrained
+  critic = checkpoint.load_params(os.path.join(workdir, "compare", "ppo_gae"))[0]["value"]
+  assert critic is not None and "head" in critic  # the GAE run trains a critic ...
+  for name in names[1:4]:  # ... the critic-free methods none
+    assert checkpoint.load_params(os.path.join(workdir, "compare", name))[0]["value"] is None
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "compare", "dapo", "metrics.jsonl"))]
+  assert len(rows) == 2 and all("oracle" in r and "dropped_groups" in r and "clipfrac_high" in r for r in rows)
+  with pytest.raises(ValueError, match=r"no checkpoint at step 7 \(saved: \[1, 2\]\)"):
+    checkpoint.load_params(os.path.join(workdir, "compare", "rloo"), step=7)
+  for name in ("dpo", "ipo"):  # the RM's 8 steps, a checkpoint every 8 // points = 4
+    assert [p["step"] for p in results[name]["frontier"]] == [4, 8]
+    assert checkpoint.load_extra(os.path.join(workdir, "compare", name))["meta"]["stage"] == "dpo"
+  bon = results["best_of_n"]["frontier"]
+  assert [p["n"] for p in bon] == [1, 2, 4]
+  assert [p["kl_to_sft"] for p in bon] == pytest.approx([math.log(n) - (n - 1) / n for n in (1, 2, 4)])
+  printed = capsys.readouterr().out
+  for row in ("| sft |", "| ppo_gae |", "| rloo |", "| grpo |", "| dapo |", "| dpo |", "| ipo |",
+              "| best_of_n (n=4) |"):
+    assert row in printed
+  assert os.path.getsize(os.path.join(workdir, "compare", "frontier.png")) > 1000
+
+  before = open(os.path.join(workdir, "compare", "results.json")).read()
+  again = compare.run(_tiny_compare_config(), workdir)  # everything finished: nothing retrained or re-evaluated
+  assert open(os.path.join(workdir, "compare", "results.json")).read() == before
+  assert again["rloo"]["final"] == results["rloo"]["final"]
+  changed = _tiny_compare_config()
+  changed.methods.rloo.ppo.kl_coef = 0.5
+  with pytest.raises(ValueError, match="rloo run with other settings"):
+    compare.run(changed, workdir)
+  unknown = _tiny_compare_config()
+  unknown.compare.run = "rloo,nope"
+  with pytest.raises(ValueError, match="compare.run names 'nope'"):
+    compare.run(unknown, workdir)
+
+
+def test_best_of_first_n_picks_the_top_scored_of_the_first_n():
+  score_PxRxN = np.array([[[0.1, 0.9, 0.5, 2.0]], [[3.0, 1.0, 3.0, 0.0]]])
+  value_PxRxN = np.array([[[10., 11., 12., 13.]], [[20., 21., 22., 23.]]])
+  assert compare.best_of_first_n(score_PxRxN, value_PxRxN, 1)[:, 0].tolist() == [10., 20.]
+  assert compare.best_of_first_n(score_PxRxN, value_PxRxN, 3)[:, 0].tolist() == [11., 20.]  # tie: the first
+  assert compare.best_of_first_n(score_PxRxN, value_PxRxN, 4)[:, 0].tolist() == [13., 20.]
