@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import checkpoint, data, lora, losses, optimizer, trainer
-from rlhf_jax.model import TransformerConfig, init_params
+from rlhf_jax.model import TransformerConfig, init_params, to_layout
 from rlhf_jax.tokenizer import BaseTokenizer as Tokenizer
 from rlhf_jax.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
@@ -43,7 +43,19 @@ def model_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # output projection shares the token embedding
   m.dtype = "float32"  # compute dtype: float32 | bfloat16
   m.param_dtype = "float32"  # parameter dtype
+  # how the model runs (also applied to an init_from model; a resumed run keeps its checkpoint's):
+  m.scan_layers = False  # blocks as one nn.scan (params stacked under "layers"): compile time independent of depth
+  m.remat = "none"  # recompute each block in the backward: none | block | dots (matmul outputs saved)
+  m.attention = "auto"  # auto | xla | cudnn (GPU) | rows | batched (see model.ATTENTION)
   return m
+
+
+RUNTIME_FIELDS = ("scan_layers", "remat", "attention")  # cfg.model fields that override an init_from model's
+
+
+def _with_runtime(model: TransformerConfig, cfg: ml_collections.ConfigDict) -> TransformerConfig:
+  """`model` with cfg.model's RUNTIME_FIELDS (how it runs, not what it computes)."""
+  return dataclasses.replace(model, **{f: cfg.model[f] for f in RUNTIME_FIELDS if f in cfg.model})
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
@@ -107,12 +119,12 @@ def resolve_init(cfg: ml_collections.ConfigDict, workdir: str, train_files) -> I
     return Init(model, chat_tokenizer(cfg, load_tokenizer(workdir)))
   if source.startswith(EXTERNAL):
     model, params, tok = load_external(source, cfg.tokenizer.path)
-    return Init(model, chat_tokenizer(cfg, tok), lambda: params)
+    return Init(_with_runtime(model, cfg), chat_tokenizer(cfg, tok), lambda: params)
   if source:
     meta = _source_meta(source)
     if "model" not in meta:
       raise ValueError(f"config train.init_from={source!r}: checkpoint has no model metadata")
-    model = TransformerConfig.from_dict(meta["model"])
+    model = _with_runtime(TransformerConfig.from_dict(meta["model"]), cfg)
     tok = load_tokenizer(cfg.tokenizer.path or source)
     check_vocab(tok, model.vocab_size, f"train.init_from={source!r} model.vocab_size",
                 exact=tok.kind == "sentencepiece")
@@ -172,7 +184,7 @@ def checked_params_fn(init: Init, source: str) -> Callable[[Any], Any] | None:
     return None
 
   def load(fresh):
-    params = init.params_fn()
+    params = to_layout(init.params_fn(), init.model)  # a checkpoint of the other layer layout converts here
     checkpoint.check_same_structure(fresh, params, f"config train.init_from={source!r}")
     logging.info("initialised params from %s", source)
     return jax.tree.map(lambda f, p: p.astype(f.dtype), fresh, params)

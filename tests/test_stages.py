@@ -12,7 +12,7 @@ import sentencepiece as spm
 
 import fixtures
 from rlhf_jax import checkpoint, hf_import, metrics, ppo, stages
-from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig, init_params
+from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig, init_params, stack_layers
 from rlhf_jax.tokenizer import load_tokenizer
 
 HF_GPT2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "hf", "gpt2")
@@ -228,6 +228,19 @@ def test_init_from_hf_dir_brings_its_tokenizer_and_chat_template(pipe, tmp_path)
   small = _hf_dir_with_tokenizer(tmp_path / "small", 3200)
   with pytest.raises(ValueError, match=re.escape(f"hf:{small} vocab_size=3200 but tokenizer") + ".*vocab_size=3282"):
     stages.resolve_init(fixtures.sft_cfg(pipe, f"hf:{small}"), str(tmp_path / "x"), [pipe["demonstrations"]])
+
+
+def test_init_from_an_unrolled_checkpoint_into_a_scan_layers_run(pipe):
+  """cfg.model's runtime fields (scan_layers, remat, attention) apply to an init_from model; the unrolled
+  checkpoint's params arrive stacked, equal to model.stack_layers of them."""
+  cfg = fixtures.sft_cfg(pipe, pipe["pretrain"])
+  cfg.model.scan_layers, cfg.model.remat = True, "block"
+  init = stages.resolve_init(cfg, "/nonexistent-workdir", [pipe["demonstrations"]])
+  source = TransformerConfig.from_dict(checkpoint.load_extra(pipe["pretrain"])["meta"]["model"])
+  assert init.model.scan_layers and init.model.remat == "block" and not source.scan_layers
+  fresh = jax.eval_shape(lambda: init_params(init.model, jax.random.PRNGKey(0)))
+  _same_tree(stages.checked_params_fn(init, cfg.train.init_from)(fresh),
+             stack_layers(checkpoint.load_params(pipe["pretrain"])[0]))
 
 
 # ------------------------------------------------------------------------------------------ bad input
