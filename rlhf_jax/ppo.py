@@ -3,8 +3,9 @@
 Objective (InstructGPT): maximise E_{x~D_RL, y~π}[RM(x,y) − β·log(π(y|x)/π_SFT(y|x))] + γ·E_{x~D_pretrain}[log π(x)].
 Per token t of a response: r_t = −β·kl_t (+ RM score on the last token), kl_t from `rl.kl_estimate` with the
 configured estimator (k1 = log π − log π_SFT by default). GAE(γ_rl, λ) on the value network's V_t; advantages
-optionally whitened over the whole rollout batch (all devices). The update scans epochs × minibatches in one jit:
-L = L_clip(ρ, A, ε) + c_vf·L_V(ε_vf) − γ·(1/N_ptx)·Σ log π(x_ptx), gradients pmean'ed over devices.
+optionally whitened over the whole rollout batch. The update scans epochs × minibatches in one jit:
+L = L_clip(ρ, A, ε) + c_vf·L_V(ε_vf) − γ·(1/N_ptx)·Σ log π(x_ptx). Score and update are written for the global
+batch and compiled over the device mesh (parallel.jit): all four networks sharded by their logical axes.
 With `ppo.group_size` G > 1 every prompt is sampled G times and the advantage is RLOO's instead of GAE's: the RM
 score minus the mean of the other G − 1 scores of its prompt (a Bradley–Terry RM's per-prompt level is arbitrary),
 then the reward-to-go of the KL-shaped rewards: no critic, so no value network is built, scored or trained (the
@@ -29,6 +30,7 @@ from absl import logging
 from flax import struct
 
 from rlhf_jax import checkpoint, data, losses, metrics, optimizer, parallel, rl, sampling, trainer
+from rlhf_jax import model as model_lib
 from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig
 
 
@@ -91,10 +93,10 @@ def values_of(value_params, cfg: TransformerConfig, seq_BxS, seg_BxS, pos_BxS, T
 
 
 def global_whiten(x_BxT, mask_BxT):
-  """masked_whiten with mean and population variance over every device's valid entries."""
-  n = parallel.psum(jnp.sum(mask_BxT))
-  mean = parallel.psum(jnp.sum(x_BxT * mask_BxT)) / n
-  var = parallel.psum(jnp.sum(jnp.square(x_BxT - mean) * mask_BxT)) / n
+  """masked_whiten over the global batch: (x − μ)/√(σ² + 1e-8), μ and population σ² over the valid entries."""
+  n = jnp.sum(mask_BxT)
+  mean = jnp.sum(x_BxT * mask_BxT) / n
+  var = jnp.sum(jnp.square(x_BxT - mean) * mask_BxT) / n
   return jnp.where(mask_BxT > 0, (x_BxT - mean) * jax.lax.rsqrt(var + 1e-8), 0.0)
 
 
@@ -110,7 +112,7 @@ def group_baselined(score_B, G: int):
 
 def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, kl_coef, score_offset, score_B=None, *,
                   models: Models, ppo) -> tuple[Rollout, dict]:
-  """Per device: reference log-probs, values, RM scores, shaped rewards, GAE, (whitened) advantages.
+  """Reference log-probs, values, RM scores, shaped rewards, GAE, (whitened) advantages of the global batch.
 
   `samples` must come from `params.policy`: its old log-probs and entropy are the sampler's (`logprobs_BxT`,
   `entropy_BxT`, computed while decoding; equal to a full forward's to float32 rounding), so scoring runs three
@@ -150,7 +152,7 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
           "ended_with_eos": (jnp.sum(samples.ended_with_eos_B), B),
           "ret": (jnp.sum(ret_BxT), n), "ret_sq": (jnp.sum(ret_BxT ** 2), n),
           "res": (jnp.sum(res_BxT), n), "res_sq": (jnp.sum(res_BxT ** 2), n)}
-  return rollout, parallel.psum(sums)
+  return rollout, sums
 
 
 def ppo_loss(params: Trainable, mb: dict, rng, *, models: Models, ppo):
@@ -184,14 +186,16 @@ def _minibatches(tree, perm_b, M: int):
 
 def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, *, tx: optax.GradientTransformation,
                models: Models, ppo) -> tuple[PPOState, dict]:
-  """Per device: `ppo_epochs` × `minibatches` clipped PPO(-ptx) steps in one nested lax.scan; metrics (sum, count)."""
+  """`ppo_epochs` × `minibatches` clipped PPO(-ptx) steps on the global batch in one nested lax.scan; metrics
+  (sum, count). The key is fold_in(fold_in(rng, step), 0): device 0's under the former per-device pmap (one-device
+  runs permute as before), and each epoch permutes the global batch, so results do not depend on the mesh."""
   M, b = ppo.minibatches, rollout.mask_BxT.shape[0]
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), parallel.device_index())
-  n_global = parallel.psum(jnp.sum(rollout.mask_BxT))
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+  n_global = jnp.sum(rollout.mask_BxT)
   ptx_mbs = None
   if ptx is not None:  # one pretraining batch per iteration, split over the minibatches, reused each epoch
     ptx_mbs = _minibatches(ptx, jnp.arange(ptx["inputs"].shape[0]), M)
-    ptx_scale = n_global / jnp.maximum(parallel.psum(jnp.sum(ptx["loss_mask"])), 1.0)
+    ptx_scale = n_global / jnp.maximum(jnp.sum(ptx["loss_mask"]), 1.0)
   loss_fn = functools.partial(ppo_loss, models=models, ppo=ppo)
 
   def minibatch(carry, xs):
@@ -213,9 +217,6 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, *, tx: optax
 
   (params, opt_state), aux = jax.lax.scan(epoch, (state.params, state.opt_state), jnp.arange(ppo.ppo_epochs))
   sums = jax.tree.map(jnp.sum, aux)  # over epochs × minibatches
-  grad_norm = sums.pop("grad_norm")
-  sums = parallel.psum(sums)
-  sums["grad_norm"] = grad_norm
   return PPOState(state.step + 1, params, opt_state, state.rng), sums
 
 
@@ -265,8 +266,8 @@ def ppo_config() -> ml_collections.ConfigDict:
   p.lam = 0.95  # GAE λ
   p.whiten_advantages = True  # normalise advantages over the rollout batch
   p.ppo_epochs = 2  # passes over each rollout batch
-  p.minibatches = 2  # minibatches per epoch (per device rows must divide)
-  p.rollout_batch = 32  # responses per iteration (global; divisible by devices × minibatches)
+  p.minibatches = 2  # minibatches per epoch (rows per batch shard must divide)
+  p.rollout_batch = 32  # responses per iteration (global; divisible by mesh.data × mesh.fsdp × minibatches)
   p.group_size = 1  # responses per prompt; > 1: RLOO (score minus its group's leave-one-out mean; no value network)
   p.temperature = 1.0  # rollout sampling temperature
   p.top_k = 0  # rollout top-k (0 = off)
@@ -295,7 +296,25 @@ def config() -> ml_collections.ConfigDict:
   cfg.train = trainer.train_config(num_steps=100)  # num_steps = PPO iterations (rollout + update)
   cfg.train.log_every = 1
   cfg.train.checkpoint_every = 25
+  cfg.mesh = parallel.mesh_config()
   return cfg
+
+
+def rollout_key(seed: int, it: int) -> jax.Array:
+  """Iteration `it`'s sampling key for the whole rollout batch: split(fold_in(PRNGKey(seed + 1), it), 1)[0], the
+  key device 0 drew under the former per-device pmap (one-device runs sample as before), on any mesh."""
+  return jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed + 1), it), 1)[0]
+
+
+def compile_steps(mesh, state_sh, tx: optax.GradientTransformation, models: Models, hyper) -> tuple[Callable,
+                                                                                                   Callable]:
+  """(score, update) compiled over `mesh`: rollouts over the batch shards, the state laid out as `state_sh`
+  (donated to the update), metrics replicated; the other inputs keep the layout they come with."""
+  batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  p_score = parallel.jit(functools.partial(score_rollout, models=models, ppo=hyper), None, (batch, rep))
+  p_update = parallel.jit(functools.partial(ppo_update, tx=tx, models=models, ppo=hyper), None, (state_sh, rep),
+                          donate_argnums=(0,))
+  return p_score, p_update
 
 
 def _controller(ppo):
@@ -327,6 +346,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   from rlhf_jax import stages  # stage plumbing (loading SFT/RM workdirs, data files)
   # ---- inputs, validated before anything is written
   hyper = Hyper.from_config(cfg.ppo)
+  mesh = parallel.make_mesh(cfg.mesh)
   if cfg.ppo.value_init not in ("reward", "sft"):
     raise ValueError(f"config ppo.value_init={cfg.ppo.value_init!r}; expected 'reward' or 'sft'")
   if not cfg.train.init_from:
@@ -341,6 +361,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   policy_cfg, sft_params, tok = stages.load_policy(cfg.train.init_from)
   rm_cfg, rm_params, offset = (stages.load_reward_model(cfg.ppo.reward_from) if cfg.ppo.reward_from
                                 else (policy_cfg, None, 0.0))
+  parallel.check_model(policy_cfg, mesh, f"the policy of train.init_from={cfg.train.init_from!r}: model")
+  parallel.check_model(rm_cfg, mesh, f"the reward model of ppo.reward_from={cfg.ppo.reward_from!r}: model")
   if rm_cfg.vocab_size != policy_cfg.vocab_size:
     raise ValueError(f"reward model {cfg.ppo.reward_from!r} vocab_size={rm_cfg.vocab_size} differs from the "
                      f"policy's ({policy_cfg.vocab_size}): they must share the tokenizer")
@@ -349,25 +371,27 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
     if total > m.max_len:
       raise ValueError(f"config data.prompt_len={cfg.data.prompt_len} + ppo.max_new_tokens="
                        f"{cfg.ppo.max_new_tokens} = {total} exceeds the {name}'s max_len={m.max_len}")
-  rows = parallel.check_divisible(cfg.ppo.rollout_batch // jax.process_count(), "config ppo.rollout_batch")
+  rows = parallel.check_divisible(cfg.ppo.rollout_batch, "config ppo.rollout_batch", mesh)
   if rows % hyper.minibatches:
-    raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per device, not "
+    raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per batch shard, not "
                      f"divisible by ppo.minibatches={hyper.minibatches}")
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if rows % hyper.group_size:
-    raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per device, not "
-                     f"divisible by ppo.group_size={hyper.group_size} (a prompt's responses share a device)")
+    raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per batch shard, not "
+                     f"divisible by ppo.group_size={hyper.group_size} (a prompt's responses share a shard)")
   prompt_loader = data.make_prompt_loader(prompt_files, tok, cfg.data.prompt_len,
                                           cfg.ppo.rollout_batch // hyper.group_size,
                                           cfg.data.seed, workdir, truncate_prompt=cfg.data.truncate,
-                                          batch_field="ppo.rollout_batch / ppo.group_size", **hosts)
+                                          batch_field="ppo.rollout_batch / ppo.group_size",
+                                          local_device_count=1, **hosts)  # prompts are repeated G times, then split
   ptx_loader = None
   if ptx_files:
     ptx_loader = data.make_lm_loader(ptx_files, tok, cfg.data.ptx_seq_len, cfg.data.ptx_batch_size, cfg.data.seed,
-                                     workdir, batch_field="data.ptx_batch_size", **hosts)
-    if (cfg.data.ptx_batch_size // jax.process_count() // parallel.device_count()) % hyper.minibatches:
-      raise ValueError(f"config data.ptx_batch_size={cfg.data.ptx_batch_size}: rows per device must be divisible "
-                       f"by ppo.minibatches={hyper.minibatches}")
+                                     workdir, batch_field="data.ptx_batch_size",
+                                     local_device_count=parallel.local_batch_shards(mesh), **hosts)
+    if parallel.check_divisible(cfg.data.ptx_batch_size, "config data.ptx_batch_size", mesh) % hyper.minibatches:
+      raise ValueError(f"config data.ptx_batch_size={cfg.data.ptx_batch_size}: rows per batch shard must be "
+                       f"divisible by ppo.minibatches={hyper.minibatches}")
 
   # ---- networks and state: resume > SFT/RM init
   if not critic:
@@ -387,30 +411,37 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
 
   ctl = _controller(cfg.ppo)
   stages.install_tokenizer(tok, workdir)
+  abstract = jax.eval_shape(fresh)
+  policy_axes = model_lib.logical_axes(lambda: model_lib.boxed_params(policy_cfg, jax.random.PRNGKey(0)))
+  value_axes = (None if not critic else stages.reward_axes(value_cfg, value_params))
+  state_sh = parallel.state_shardings(mesh, abstract, Trainable(policy=policy_axes, value=value_axes))
+  frozen_axes = Frozen(ref=policy_axes, reward=stages.reward_axes(rm_cfg, rm_params) if rm_params else None)
+  frozen = Frozen(ref=sft_params, reward=rm_params)
+  frozen = parallel.shard_tree(frozen, parallel.state_shardings(mesh, frozen, frozen_axes))
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
-    state, extra = ckpt.restore(start, jax.eval_shape(fresh))
+    state, extra = ckpt.restore(start, parallel.with_shardings(abstract, state_sh))
     prompt_loader.set_state(extra["data"]["prompts"])
     if ptx_loader is not None:
       ptx_loader.set_state(extra["data"]["ptx"])
     ctl.load_state_dict(extra["data"]["kl"])
     logging.info("ppo: resumed at iteration %d (kl_coef %.4f)", start, ctl.value)
   else:
-    state = fresh()
+    params = parallel.shard_tree(Trainable(policy=sft_params, value=value_params), state_sh.params)
+    opt_state = parallel.jit(tx.init, (state_sh.params,), state_sh.opt_state)(params)
+    state = PPOState(parallel.shard_tree(np.int32(0), state_sh.step), params, opt_state,
+                     parallel.shard_tree(jax.random.PRNGKey(cfg.train.seed), state_sh.rng))
   meta = {"stage": "ppo", "model": dataclasses.asdict(policy_cfg), "sft": cfg.train.init_from,
           "reward": cfg.ppo.reward_from if reward_fn is None else f"reward_fn {getattr(reward_fn, '__name__', '')}"}
 
-  # ---- compiled functions (pmapped over local devices)
-  sampler = sampling.make_sampler(parallel.pmap, policy_cfg, max_new_tokens=cfg.ppo.max_new_tokens,
+  # ---- compiled functions (over the mesh)
+  logging.info("ppo: %s", parallel.describe_mesh(mesh))
+  sampler = sampling.make_sampler(mesh, policy_cfg, max_new_tokens=cfg.ppo.max_new_tokens,
                                   temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p,
                                   eos_id=tok.eos_id, pad_id=tok.pad_id)
-  p_score = parallel.pmap(functools.partial(score_rollout, models=models, ppo=hyper))
-  p_update = parallel.pmap(functools.partial(ppo_update, tx=tx, models=models, ppo=hyper), donate_argnums=(0,))
-  n_dev = parallel.device_count()
-  state_R = parallel.replicate(state)
-  frozen_R = parallel.replicate(Frozen(ref=sft_params, reward=rm_params))
-  offset_R = parallel.replicate(np.float32(offset))
+  p_score, p_update = compile_steps(mesh, state_sh, tx, models, hyper)
+  del sft_params, rm_params, value_params  # the host copies (the sharded ones live in state and frozen)
   writer = metrics.MetricWriter(workdir, resume_step=start)
   progress = metrics.Progress(cfg.train.num_steps, start)
   last: dict = {}
@@ -422,26 +453,25 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       prompts = [p for p in batch.pop("prompts") for _ in range(hyper.group_size)]
       batch = {k: np.repeat(v, hyper.group_size, axis=0) for k, v in batch.items()}
       t0 = time.perf_counter()
-      rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed + 1), it), n_dev)
-      sharded = parallel.shard_batch(batch, "config ppo.rollout_batch")
-      samples = sampler(state_R.params.policy, sharded["prompt_tokens"], sharded["prompt_mask"], rngs)
+      rng = rollout_key(cfg.train.seed, it)
+      sharded = parallel.put_batch(mesh, batch, "config ppo.rollout_batch")
+      samples = sampler(state.params.policy, sharded["prompt_tokens"], sharded["prompt_mask"], rng)
       jax.block_until_ready(samples.tokens_BxT)
       t1 = time.perf_counter()
-      kl_R = parallel.replicate(np.float32(ctl.value))
       texts = None
       if extra_metrics or reward_fn or (cfg.ppo.sample_every and it % cfg.ppo.sample_every == 0):
-        texts = [tok.decode(t[:n]) for t, n in zip(parallel.unshard(samples.tokens_BxT),
-                                                   parallel.unshard(samples.lengths_B))]
+        local = parallel.local_rows((samples.tokens_BxT, samples.lengths_B))  # this host's prompts' rows
+        texts = [tok.decode(t[:n]) for t, n in zip(*local)]
       given = None
       if reward_fn is not None:
-        given = parallel.shard_batch({"s": np.asarray(reward_fn(prompts, texts), np.float32).reshape(len(texts))},
-                                     "config ppo.rollout_batch")["s"]
-      rollout, score_sums = p_score(state_R.params, frozen_R, samples, kl_R, offset_R, given)
-      ptx = parallel.shard_batch(next(ptx_loader), "config data.ptx_batch_size") if ptx_loader else None
+        given = parallel.put_batch(mesh, np.asarray(reward_fn(prompts, texts), np.float32).reshape(len(texts)),
+                                   "config ppo.rollout_batch")
+      rollout, score_sums = p_score(state.params, frozen, samples, np.float32(ctl.value), np.float32(offset), given)
+      ptx = parallel.put_batch(mesh, next(ptx_loader), "config data.ptx_batch_size") if ptx_loader else None
       if it == cfg.train.nan_at_step:
         rollout = rollout.replace(advantages_BxT=rollout.advantages_BxT * np.nan)
-      state_R, update_sums = p_update(state_R, rollout, ptx)
-      m = _host_metrics({**jax.tree.map(lambda x: x[0], score_sums), **jax.tree.map(lambda x: x[0], update_sums)})
+      state, update_sums = p_update(state, rollout, ptx)
+      m = _host_metrics({**parallel.to_host(score_sums), **parallel.to_host(update_sums)})
       t2 = time.perf_counter()
       metrics.check_finite(m, it, "ppo")
       m.update(kl_coef=ctl.value, generation_s=t1 - t0, update_s=t2 - t1)
@@ -458,7 +488,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       if it % cfg.train.checkpoint_every == 0 or it == cfg.train.num_steps:
         extra = {"prompts": prompt_loader.get_state(), "kl": ctl.state_dict(),
                  "ptx": ptx_loader.get_state() if ptx_loader else None}
-        ckpt.save(it, parallel.unreplicate(state_R), {"data": extra, "meta": meta})
+        ckpt.save(it, state, {"data": extra, "meta": meta})
   finally:
     ckpt.close()
     writer.close()

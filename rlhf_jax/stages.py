@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import checkpoint, data, losses, optimizer, trainer
-from rlhf_jax.model import TransformerConfig, init_params
+from rlhf_jax import checkpoint, data, losses, optimizer, parallel, trainer
+from rlhf_jax.model import (TransformerConfig, boxed_head_params, boxed_params, init_params, logical_axes)
 from rlhf_jax.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -160,8 +160,26 @@ def checked_params_fn(init: Init, source: str) -> Callable[[Any], Any] | None:
   return load
 
 
-def _hosts() -> dict:
-  return dict(process_index=jax.process_index(), process_count=jax.process_count())
+def _hosts(mesh=None) -> dict:
+  """Loader keywords: this host's index and count, and (with a mesh) the batch shards its rows must divide by."""
+  out = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if mesh is not None:
+    out["local_device_count"] = parallel.local_batch_shards(mesh)
+  return out
+
+
+def stage_mesh(cfg: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The device mesh of `cfg.mesh`, validated with the scratch model (`cfg.model`) before anything is written."""
+  mesh = parallel.make_mesh(cfg.mesh)
+  if not cfg.train.init_from and not checkpoint.has_checkpoint(workdir):
+    parallel.check_model(cfg.model, mesh, "config model")
+  return mesh
+
+
+def check_init_model(init: Init, mesh, source: str) -> None:
+  """The resolved model (resumed or from init_from) against the mesh (see parallel.check_model)."""
+  parallel.check_model(init.model, mesh, "config model" if not source else f"the model of train.init_from={source!r}:"
+                       " model")
 
 
 def _eval_fn(make, eval_files, max_batches: int):
@@ -178,7 +196,9 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
     raise ValueError(f"run_lm stage={stage!r}; expected pretrain or sft")
   train_files = checked_files(cfg.data.train, "data.train")
   eval_files = checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
+  mesh = stage_mesh(cfg, workdir)
   init = resolve_init(cfg, workdir, train_files)
+  check_init_model(init, mesh, cfg.train.init_from)
   if cfg.data.seq_len > init.model.max_len:
     raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={init.model.max_len}")
   if stage == "pretrain":
@@ -186,7 +206,7 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
   else:
     make = functools.partial(data.make_sft_loader, truncate_prompt=cfg.data.truncate)
   make = functools.partial(make, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
-                           batch_size=cfg.data.batch_size, workdir=workdir, **_hosts())
+                           batch_size=cfg.data.batch_size, workdir=workdir, **_hosts(mesh))
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
   install_tokenizer(init.tokenizer, workdir)
@@ -197,7 +217,8 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
       scratch_state=lambda: trainer.create_state(init_params(model, jax.random.PRNGKey(cfg.train.seed)), tx,
                                                  cfg.train.seed),
       train_loader=train_loader, eval_batches=eval_fn, init_from_params=checked_params_fn(init, cfg.train.init_from),
-      meta={"stage": stage, "model": dataclasses.asdict(model)}, stage=stage)
+      meta={"stage": stage, "model": dataclasses.asdict(model)}, stage=stage, mesh=mesh,
+      param_specs=logical_axes(lambda: boxed_params(model, jax.random.PRNGKey(0))))
   return last
 
 
@@ -224,6 +245,7 @@ def lm_config(stage: str) -> ml_collections.ConfigDict:
   if stage == "sft":
     cfg.opt.warmup_steps = 10
   cfg.train = trainer.train_config(num_steps=400 if stage == "pretrain" else 200)
+  cfg.mesh = parallel.mesh_config()
   return cfg
 
 
@@ -240,19 +262,22 @@ def reward_config() -> ml_collections.ConfigDict:
   cfg.loss.lm_coef = 0.0  # + this × next-token loss on each record's best response (0: InstructGPT's RM loss)
   cfg.loss.loglik_feature = False  # score += a · log π_backbone(response | prompt), a learned (from 0)
   cfg.loss.token_head = False  # score += Σ_t u(h_t) over the response tokens, u a second scalar head (from 0)
+  cfg.mesh = parallel.mesh_config()
   return cfg
 
 
 def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None, loglik: bool = False,
-                        token_head: bool = False) -> dict:
+                        token_head: bool = False, boxed: bool = False) -> dict:
   """{"backbone", "head"}: the given (or random) Transformer params plus a new ScalarHead; + "loglik" (the
   likelihood feature's weight, 0) and "token_head" (a zero ScalarHead for per-token rewards) when asked; see
-  `losses.packed_scores`."""
+  `losses.packed_scores`. `boxed=True`: random params boxed with their logical axis names (for reward_axes)."""
+  import flax.linen as nn
   import jax.numpy as jnp
-  from rlhf_jax.model import ScalarHead
   k1, k2 = jax.random.split(rng)
-  head = ScalarHead(model).init(k2, jnp.zeros((1, 1, model.d_model), jnp.float32))["params"]
-  params = {"backbone": backbone if backbone is not None else init_params(model, k1), "head": head}
+  head = boxed_head_params(model, k2) if boxed else nn.unbox(boxed_head_params(model, k2))
+  if backbone is None:
+    backbone = boxed_params(model, k1) if boxed else init_params(model, k1)
+  params = {"backbone": backbone, "head": head}
   if loglik:
     params["loglik"] = jnp.zeros((), jnp.float32)
   if token_head:
@@ -260,12 +285,24 @@ def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None,
   return params
 
 
+def reward_axes(model: TransformerConfig, params_like: dict | None = None, loglik: bool = False,
+                token_head: bool = False) -> dict:
+  """Logical PartitionSpecs of an RM tree {"backbone", "head", ["loglik"], ["token_head"]} (the optional groups
+  those of `params_like` when given), from abstract shapes."""
+  if params_like is not None:
+    loglik, token_head = "loglik" in params_like, "token_head" in params_like
+  return logical_axes(lambda: fresh_reward_params(model, jax.random.PRNGKey(0), loglik=loglik,
+                                                  token_head=token_head, boxed=True))
+
+
 def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Reward model: SFT backbone + ScalarHead trained with Bradley–Terry on ranked comparisons."""
   train_files = checked_files(cfg.data.train, "data.train")
   eval_files = checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
   norm_files = checked_files(cfg.data.normalize_on, "data.normalize_on") if cfg.data.normalize_on else None
+  mesh = stage_mesh(cfg, workdir)
   init = resolve_init(cfg, workdir, train_files)
+  check_init_model(init, mesh, cfg.train.init_from)
   model = init.model
   if cfg.data.seq_len > model.max_len:
     raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={model.max_len}")
@@ -273,7 +310,7 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config loss.lm_coef={cfg.loss.lm_coef} must be >= 0")
   make = functools.partial(data.make_comparison_loader, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
                            batch_size=cfg.data.batch_size, max_responses=cfg.data.max_responses,
-                           truncate_prompt=cfg.data.truncate, workdir=workdir, **_hosts())
+                           truncate_prompt=cfg.data.truncate, workdir=workdir, **_hosts(mesh))
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
   install_tokenizer(init.tokenizer, workdir)
@@ -289,9 +326,12 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   state, last = trainer.train_loop(
       workdir=workdir, train_cfg=cfg.train, loss_fn=functools.partial(losses.reward_loss, cfg=model, lm_coef=float(cfg.loss.lm_coef)),
       scratch_state=scratch, train_loader=train_loader, eval_batches=eval_fn, init_from_params=init_fn,
-      meta={"stage": "reward", "model": dataclasses.asdict(model)}, stage="reward")
-  if norm_files and jax.process_index() == 0:
-    _write_offset(workdir, state.params, model, init.tokenizer, norm_files, cfg.data.seq_len)
+      meta={"stage": "reward", "model": dataclasses.asdict(model)}, stage="reward", mesh=mesh,
+      param_specs=reward_axes(model, loglik=bool(cfg.loss.loglik_feature), token_head=bool(cfg.loss.token_head)))
+  if norm_files:
+    params = parallel.to_host(state.params)  # every process takes part (a gather where fsdp spans hosts)
+    if jax.process_index() == 0:
+      _write_offset(workdir, params, model, init.tokenizer, norm_files, cfg.data.seq_len)
   return last
 
 
