@@ -9,7 +9,7 @@ WORKDIR ?= workdir/demo
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,gguf]"
 	touch $@
 
 venv: $(VENV)/.installed

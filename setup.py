@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "ml_collections==1.1.0",
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "safetensors==0.8.0",  # Hugging Face checkpoint format (numpy backend, no torch)
+    "tokenizers==0.23.3",  # HF tokenizer.json / byte-level BPE (Rust, no torch)
+    "jinja2==3.1.6",  # checkpoints' chat templates
     "matplotlib==3.11.2",  # PNG plots of training curves
     "numpy>=2.0,<3",
 ]
@@ -24,6 +26,8 @@ EXTRAS = {
     "gpu": ["jax[cuda12]==0.10.2"],
     # Cloud TPU VMs: libtpu matching jaxlib. pip install -e .[tpu]
     "tpu": ["jax[tpu]==0.10.2"],
+    # llama.cpp GGUF files (init_from=gguf:FILE, GGUF tokenizers). pip install -e .[gguf]
+    "gguf": ["gguf==0.19.0"],
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92"],
 }
 

@@ -14,7 +14,8 @@ Batches (numpy, int32 tokens, float32 masks), B = batch_size / process_count row
   RL prompts        prompt_tokens, prompt_mask (B, P), left-padded [bos] + prompt; prompts: list of strings
 Training loaders iterate forever: each epoch shuffles the records with (seed, epoch); every host builds the
 same global rows and keeps its slice of each global batch (the global batch does not depend on the number of
-hosts; each host tokenizes all records). Documents are tokenized, framed as [bos] + ids + [eos], shifted into
+hosts; each host tokenizes all records). Documents are tokenized, framed as [bos] + ids + [eos] ([bos] only when
+the tokenizer adds one, `tok.bos_prefix`; prompts via `tok.prompt_parts`, the chat template when asked), shifted into
 (inputs, targets), cut into chunks of at most L and packed into rows: pretraining text fills every row (a
 chunk is cut at the row's end and continues in the next row as a new segment); SFT examples are never cut
 (next-fit); comparison records are never split either: an element of Kmax rows takes whole records next-fit,
@@ -32,7 +33,7 @@ import numpy as np
 
 # Records and their validators live in records.py; re-exported because data is where users look for them.
 from rlhf_jax.records import KINDS, LocalRecords, Records, read_jsonl, read_records, validate_record  # noqa: F401
-from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.tokenizer import BaseTokenizer as Tokenizer
 
 # ------------------------------------------------------------------------------------------- examples
 
@@ -58,7 +59,7 @@ def _shifted(seq: list[int], loss_from: int) -> tuple[np.ndarray, np.ndarray, np
 
 def lm_pieces(record: dict, tok: Tokenizer, seq_len: int) -> list:
   """[bos] + text + [eos] shifted into (inputs, targets, loss_mask) chunks of at most seq_len."""
-  inputs, targets, mask = _shifted([tok.bos_id] + tok.encode(record["text"]) + [tok.eos_id], 1)
+  inputs, targets, mask = _shifted(tok.bos_prefix + tok.encode(record["text"]) + [tok.eos_id], 1)
   return [(inputs[s:s + seq_len], targets[s:s + seq_len], mask[s:s + seq_len])
           for s in range(0, len(inputs), seq_len)]
 
@@ -66,8 +67,9 @@ def lm_pieces(record: dict, tok: Tokenizer, seq_len: int) -> list:
 def sft_pieces(record: dict, tok: Tokenizer, seq_len: int, truncate: bool = False) -> list:
   """[bos] + prompt + response + [eos] shifted; loss_mask = 1 where the target is a response token or eos."""
   response = tok.encode(record["response"]) + [tok.eos_id]
-  prompt = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1 + len(response), seq_len + 1, truncate,
-                                      record["origin"], f"seq_len={seq_len} (at most {seq_len + 1} before the input/target shift)")
+  head, body = tok.prompt_parts(record["prompt"])
+  prompt = head + _fit_prompt(body, len(head) + len(response), seq_len + 1, truncate, record["origin"],
+                              f"seq_len={seq_len} (at most {seq_len + 1} before the input/target shift)")
   return [_shifted(prompt + response, len(prompt))]
 
 
@@ -79,8 +81,9 @@ def comparison_pieces(record: dict, tok: Tokenizer, seq_len: int, max_responses:
     raise ValueError(f"{record['origin']}: {k} responses but max_responses={max_responses} (config "
                      f"data.max_responses: raise it to the most responses a record has)")
   responses = [tok.encode(r) + [tok.eos_id] for r in record["responses"]]
-  prompt = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1 + max(map(len, responses)), seq_len,
-                                      truncate, record["origin"], f"seq_len={seq_len}")
+  head, body = tok.prompt_parts(record["prompt"])
+  prompt = head + _fit_prompt(body, len(head) + max(map(len, responses)), seq_len, truncate, record["origin"],
+                              f"seq_len={seq_len}")
   rank = np.zeros(k, np.int32)
   rank[np.asarray(record["ranking"])] = np.arange(k)
   return [{"sequences": [np.asarray(prompt + r, np.int32) for r in responses], "rank": rank,
@@ -142,8 +145,8 @@ def pack_comparisons(pieces: Sequence[dict], seq_len: int, max_responses: int, m
 
 def prompt_pieces(record: dict, tok: Tokenizer, prompt_len: int, truncate: bool = False) -> list:
   """One row: [bos] + prompt left-padded to prompt_len, its mask, and the prompt string."""
-  ids = [tok.bos_id] + _fit_prompt(tok.encode(record["prompt"]), 1, prompt_len, truncate, record["origin"],
-                                   f"prompt_len={prompt_len}")
+  head, body = tok.prompt_parts(record["prompt"])
+  ids = head + _fit_prompt(body, len(head), prompt_len, truncate, record["origin"], f"prompt_len={prompt_len}")
   tokens = np.full(prompt_len, tok.pad_id, np.int32)
   mask = np.zeros(prompt_len, np.float32)
   tokens[prompt_len - len(ids):], mask[prompt_len - len(ids):] = ids, 1.0

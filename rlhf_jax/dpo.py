@@ -7,7 +7,8 @@ log-probs are either computed once per record before training (`dpo.ref_logp="pr
 over the data, cached in workdir/ref_logp.npz and reused on resume) or in every step's loss
 (`"on_the_fly"`: the reference rides in the parameters under stop_gradient, frozen by the optimizer; one more
 forward per step, and its zero gradients are reduced with the policy's). Checkpoints say stage="dpo": the policy
-is `params["policy"]` (`stages.load_policy`).
+is `params["policy"]` (`stages.load_policy`). With LoRA (`lora.rank` > 0) the policy is {"adapters"} on the
+frozen SFT weights, and the reference is those weights with the adapters off: no second model.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, data, losses, optimizer, records, stages, trainer
+from rlhf_jax import checkpoint, data, lora, losses, optimizer, records, stages, trainer
 
 REF_MODES = ("precompute", "on_the_fly")
 CACHE_FILE = "ref_logp.npz"
@@ -46,6 +47,7 @@ def config() -> ml_collections.ConfigDict:
   cfg.opt = optimizer.default_config(lr=1e-4)
   cfg.opt.warmup_steps = 10
   cfg.train = trainer.train_config(num_steps=200)  # init_from: the SFT workdir (policy start and reference)
+  cfg.lora = lora.config()  # rank > 0: adapters train on the frozen SFT weights, which are also the reference
   return cfg
 
 
@@ -125,6 +127,9 @@ def _optimizer(cfg, on_the_fly: bool) -> optax.GradientTransformation:
 def run_dpo(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """DPO (or a variant) from an SFT workdir on ranked comparisons, to completion; auto-resumes."""
   _validate(cfg)
+  spec = lora.Spec.from_config(cfg.lora)
+  if checkpoint.has_checkpoint(workdir):
+    lora.check_resume(checkpoint.load_extra(workdir).get("meta", {}).get("lora"), spec, workdir)
   train_files = stages.checked_files(cfg.data.train, "data.train")
   eval_files = stages.checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
   model, sft_params, tok = stages.load_policy(cfg.train.init_from)
@@ -152,9 +157,25 @@ def run_dpo(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   d = cfg.dpo
   loss_fn = functools.partial(losses.dpo_pair_loss, cfg=model, beta=float(d.beta), loss_type=d.loss_type,
                               label_smoothing=float(d.label_smoothing), simpo_gamma=float(d.simpo_gamma))
+  meta = {"stage": "dpo", "model": dataclasses.asdict(model), "sft": cfg.train.init_from, "dpo": cfg.dpo.to_dict()}
+  frozen = None
+  if spec.enabled:  # adapters on the frozen SFT weights; the reference is those weights themselves
+    frozen = lora.cast_base(sft_params, cfg.lora.base_dtype)
+    tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
+    params = {"policy": lora.split(frozen, spec, jax.random.PRNGKey(cfg.train.seed))[0]}
+    loss_fn = _lora_loss(loss_fn, spec, on_the_fly)
+    meta.update(lora={**spec.meta(), "base_dtype": cfg.lora.base_dtype}, lora_base=cfg.train.init_from)
   _, last = trainer.train_loop(
       workdir=workdir, train_cfg=cfg.train, loss_fn=loss_fn,
       scratch_state=lambda: trainer.create_state(params, tx, cfg.train.seed), train_loader=train_loader,
-      eval_batches=eval_fn, meta={"stage": "dpo", "model": dataclasses.asdict(model), "sft": cfg.train.init_from,
-                                  "dpo": cfg.dpo.to_dict()}, stage="dpo")
+      eval_batches=eval_fn, meta=meta, stage="dpo", frozen=frozen)
   return last
+
+
+def _lora_loss(loss_fn, spec: lora.Spec, on_the_fly: bool):
+  """The DPO loss on {"policy": merge(base, adapters)} (+ "ref": the base itself, on the fly) from the trainable
+  {"policy": {"adapters"}} and the frozen base."""
+  def fn(trainable, batch, rng, base):
+    params = {"policy": lora.join(trainable["policy"], base, spec), **({"ref": base} if on_the_fly else {})}
+    return loss_fn(params, batch, rng)
+  return fn

@@ -160,7 +160,7 @@ def evaluate_stage(policy_dir: str, questions: list[str], cfg: ml_collections.Co
 def reward_preferences(reward_dir: str, questions: list[str], seq_len: int) -> dict[str, float]:
   """RM_METRICS: how often the RM prefers the true value to ABSTAIN (known) and ABSTAIN to an assertion (unknown)."""
   rm_cfg, rm_params, _ = stages.load_reward_model(reward_dir)
-  tok = load_tokenizer(os.path.join(reward_dir, stages.TOKENIZER_FILE))
+  tok = load_tokenizer(reward_dir)
   values = [knowledge.knowledge_value(a["t"], a["e"]) for a in (tasks.parse_prompt(q)[1] for q in questions)]
   scores = stages.score_texts(rm_params, rm_cfg, tok, questions * 2, values + [knowledge.ABSTAIN] * len(questions),
                              seq_len)  # one call: score_texts compiles on every call

@@ -23,7 +23,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax.model import TransformerConfig
+from rlhf_jax.model import TransformerConfig, unstack_layers
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -278,6 +278,18 @@ def _specs(cfg: TransformerConfig, names=()) -> list[_Spec]:
   return _gpt2_specs(cfg, "" if bare else "transformer.")
 
 
+def params_from_hf(cfg: TransformerConfig, get, names=()) -> dict:
+  """Our params tree from HF-named tensors: `get(hf_name, hf_shape)` returns that tensor (shape checked)."""
+  params: dict = {}
+  for spec in _specs(cfg, names):
+    for path, leaf in zip(spec.paths, _to_ours(spec, get(spec.hf_name, spec.hf_shape))):
+      node = params
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = jnp.asarray(leaf, dtype=cfg.jnp_param_dtype)
+  return params
+
+
 def load_hf_checkpoint(directory: str, param_dtype: str = "float32",
                        dtype: str = "float32") -> tuple[TransformerConfig, dict]:
   """Reads a GPT2LMHeadModel / LlamaForCausalLM safetensors directory into (TransformerConfig, params)."""
@@ -286,16 +298,9 @@ def load_hf_checkpoint(directory: str, param_dtype: str = "float32",
   config_path = os.path.join(directory, CONFIG_FILE)
   cfg = config_from_hf(_read_json(config_path), config_path, param_dtype, dtype)
   weight_map = _weight_map(directory)
-  params: dict = {}
   with contextlib.ExitStack() as stack:
     reader = _Reader(weight_map, stack)
-    for spec in _specs(cfg, weight_map):
-      x = reader.get(spec.hf_name, spec.hf_shape, config_path)
-      for path, leaf in zip(spec.paths, _to_ours(spec, x)):
-        node = params
-        for key in path[:-1]:
-          node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(leaf, dtype=cfg.jnp_param_dtype)
+    params = params_from_hf(cfg, lambda name, shape: reader.get(name, shape, config_path), weight_map)
     ignored = _IGNORED[cfg.family]
     if cfg.tie_embeddings:  # a tied checkpoint may still store the head; like transformers, use the embedding
       ignored = re.compile(f"{ignored.pattern}|^lm_head\\.weight$")
@@ -329,6 +334,7 @@ def save_hf_checkpoint(cfg: TransformerConfig, params, directory: str, max_shard
   """Writes config.json + model.safetensors (or shards + index when max_shard_bytes is given) in HF format."""
   if max_shard_bytes is not None and max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+  params = unstack_layers(params)  # a scan_layers model's stacked tree, too
   config = hf_config(cfg)
   tensors = {s.hf_name: _to_hf(s, [_leaf(params, p, shape) for p, shape in zip(s.paths, s.shapes)])
              for s in _specs(cfg)}

@@ -11,17 +11,37 @@ final-normed hidden state (what `ScalarHead` reads for reward and value). Packed
 slot index and never crosses a segment. Decode mode (`decode=True`, `mutable=["cache"]`) writes keys,
 values and segment ids into a cache of S slots and attends over it, so prefill + one-token steps give
 the full forward's logits.
+
+Large-model options (TransformerConfig): `scan_layers` runs the blocks as one nn.scan (params and cache stacked
+under "layers" with a leading num_layers axis; `stack_layers` / `unstack_layers` / `to_layout` convert trees
+between the two layouts), `remat` recomputes each block in the backward (REMAT_POLICIES), `attention` picks the
+full-sequence attention implementation (ATTENTION; kernels in attention.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import attention as kernels
+from rlhf_jax.attention import (  # noqa: F401 (re-exported: model.causal_attention etc.)
+    Q_BLOCK, ROWS_MIN_LEN, attend_cache, attention_mask, batched_attention, causal_attention, full_attention,
+    fused_attention)
 
 FAMILIES = ("gpt2", "llama")
+# Backward recompute per block: "block" keeps only the block's input, "dots" also every matmul output without a
+# batch dimension (the projections; attention scores and the elementwise ops are recomputed).
+REMAT_POLICIES = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# Full-sequence attention: "auto" = on CPU the row path from ROWS_MIN_LEN on, else batched; on accelerators
+# jax.nn.dot_product_attention (cudnn where dtype and head_dim allow, else xla). "xla" / "cudnn" force that
+# implementation of jax.nn.dot_product_attention (cudnn: GPU only), "rows" / "batched" force our CPU paths.
+ATTENTION = ("auto", "xla", "cudnn", "rows", "batched")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -41,6 +61,9 @@ class TransformerConfig:
   rope_theta: float = 10000.0  # llama only
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # parameter storage dtype
+  scan_layers: bool = False  # blocks as one nn.scan: params stacked under "layers" (leading axis num_layers)
+  remat: str = "none"  # backward recompute of each block: none | block (save nothing) | dots (save matmuls)
+  attention: str = "auto"  # full-sequence attention: auto | xla | cudnn | rows | batched (see ATTENTION)
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -56,6 +79,9 @@ class TransformerConfig:
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in _DTYPES:
         raise ValueError(f"TransformerConfig.{field}={getattr(self, field)!r}; expected one of {list(_DTYPES)}")
+    for field, allowed in (("remat", tuple(REMAT_POLICIES)), ("attention", ATTENTION)):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"TransformerConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
 
   @property
   def head_dim(self) -> int:
@@ -83,16 +109,27 @@ class TransformerConfig:
     return cls(**d)
 
 
-def _dense(cfg: TransformerConfig, features, name: str, axis=-1, use_bias=None) -> nn.DenseGeneral:
+# Logical axis names of parameter dimensions (parallel.RULES maps them to mesh axes):
+#   "vocab" V, "embed" D, "heads" H, "kv_heads" K, "head_dim" E, "mlp" F, "positions" the learned position table's
+#   rows, "norm" the D of norm scales/biases, "scalar" the single output of a ScalarHead.
+_named = nn.with_logical_partitioning
+
+
+def _dense(cfg: TransformerConfig, features, name: str, in_axes: tuple, out_axes: tuple, axis=-1,
+           use_bias=None) -> nn.DenseGeneral:
+  """DenseGeneral whose kernel is named in_axes + out_axes and bias out_axes (logical names, see above)."""
   return nn.DenseGeneral(
       features, axis=axis, use_bias=cfg.use_bias if use_bias is None else use_bias, dtype=cfg.jnp_dtype,
-      param_dtype=cfg.jnp_param_dtype, kernel_init=nn.initializers.normal(0.02), name=name)
+      param_dtype=cfg.jnp_param_dtype, kernel_init=_named(nn.initializers.normal(0.02), in_axes + out_axes),
+      bias_init=_named(nn.initializers.zeros_init(), out_axes), name=name)
 
 
 def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  kw = dict(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+            scale_init=_named(nn.initializers.ones_init(), ("norm",)), name=name)
   if cfg.family == "llama":
-    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name)
-  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name)
+    return nn.RMSNorm(**kw)
+  return nn.LayerNorm(bias_init=_named(nn.initializers.zeros_init(), ("norm",)), **kw)
 
 
 def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -107,122 +144,18 @@ def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
   return out.astype(x_BxLxNxE.dtype)
 
 
-def attention_mask(q_idx_L, k_idx_S, q_seg_BxL, k_seg_BxS) -> jax.Array:
-  """Boolean BxLxS mask: key slot <= query slot (causal) and same non-padding segment."""
-  causal_LxS = k_idx_S[None, :] <= q_idx_L[:, None]
-  same_BxLxS = (q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]) & (k_seg_BxS[:, None, :] != 0)
-  return causal_LxS[None] & same_BxLxS
-
-
-Q_BLOCK = 64  # query rows per block in causal_attention (a block skips the keys after its last row)
-ROWS_MIN_LEN = 112  # on CPU, sequences at least this long take the row path; shorter ones one batched attention
-# (fwd + bwd, B=16 H=8 E=32: batched 10.9 vs rows 14.4 ms at L=96; rows 46 vs 59 ms at L=128, B=32)
-
-
-def _attend_cache(q_BxLxKxGxE, kT_BxKxExS, v_BxKxSxE, mask_BxLxS) -> jax.Array:
-  """softmax(q·kᵀ/√E masked)·v against the cache (stored as kᵀ and heads-major v: no per-step transpose of
-  the whole cache); out_BxLxKxGxE."""
-  E = q_BxLxKxGxE.shape[-1]
-  q_BxKxGxLxE = jnp.transpose(q_BxLxKxGxE, (0, 2, 3, 1, 4))
-  logits_BxKxGxLxS = jnp.einsum("bkgle,bkes->bkgls", q_BxKxGxLxE, kT_BxKxExS,
-                                preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
-  logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-  probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxKxSxE.dtype)
-  out_BxKxGxLxE = jnp.einsum("bkgls,bkse->bkgle", probs_BxKxGxLxS, v_BxKxSxE)
-  return jnp.transpose(out_BxKxGxLxE, (0, 3, 1, 2, 4))
-
-
-def batched_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL) -> jax.Array:
-  """Full-sequence causal, segment-masked attention of the whole batch at once (the accelerator path)."""
-  idx_L = jnp.arange(q_BxLxKxGxE.shape[1])
-  mask_BxLxS = attention_mask(idx_L, idx_L, segment_ids_BxL, segment_ids_BxL)
-  return _attend_cache(q_BxLxKxGxE, jnp.transpose(k_BxLxKxE, (0, 2, 3, 1)), jnp.transpose(v_BxLxKxE, (0, 2, 1, 3)),
-                       mask_BxLxS)
-
-
-def _query_blocks(L: int) -> list[tuple[int, int]]:
-  return [(a, min(a + Q_BLOCK, L)) for a in range(0, L, Q_BLOCK)]
-
-
-def _block_scores(q_RxKxGxLxE, k_RxKxSxE, seg_RxL, a: int, b: int):
-  """(scaled scores, mask) of queries a..b-1 against keys 0..b-1 (the keys after a block's last row are skipped)."""
-  E = q_RxKxGxLxE.shape[-1]
-  mask_Rx1x1xLxS = attention_mask(jnp.arange(a, b), jnp.arange(b), seg_RxL[:, a:b], seg_RxL[:, :b])[:, None, None]
-  s_RxKxGxLxS = jnp.einsum("rkgle,rkse->rkgls", q_RxKxGxLxE[:, :, :, a:b], k_RxKxSxE[:, :, :b],
-                           preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
-  return s_RxKxGxLxS, mask_Rx1x1xLxS
-
-
-def _rows_forward(q_RxKxGxLxE, k_RxKxSxE, v_RxKxSxE, seg_RxL):
-  """(out, log-sum-exp of the scores) of R rows, query block by query block; a query with no key (padding)
-  gets out 0."""
-  outs, lses = [], []
-  for a, b in _query_blocks(q_RxKxGxLxE.shape[3]):
-    s_RxKxGxLxS, mask = _block_scores(q_RxKxGxLxE, k_RxKxSxE, seg_RxL, a, b)
-    m_RxKxGxLx1 = jnp.max(jnp.where(mask, s_RxKxGxLxS, -jnp.inf), axis=-1, keepdims=True)
-    m_RxKxGxLx1 = jnp.where(jnp.isfinite(m_RxKxGxLx1), m_RxKxGxLx1, 0.0)
-    p_RxKxGxLxS = jnp.where(mask, jnp.exp(s_RxKxGxLxS - m_RxKxGxLx1), 0.0)
-    l_RxKxGxLx1 = jnp.sum(p_RxKxGxLxS, axis=-1, keepdims=True)
-    pv_RxKxGxLxE = jnp.einsum("rkgls,rkse->rkgle", p_RxKxGxLxS.astype(v_RxKxSxE.dtype), v_RxKxSxE[:, :, :b],
-                              preferred_element_type=jnp.float32)
-    outs.append(pv_RxKxGxLxE / jnp.maximum(l_RxKxGxLx1, jnp.finfo(jnp.float32).tiny))
-    lses.append((m_RxKxGxLx1 + jnp.log(jnp.maximum(l_RxKxGxLx1, jnp.finfo(jnp.float32).tiny)))[..., 0])
-  return jnp.concatenate(outs, axis=3).astype(v_RxKxSxE.dtype), jnp.concatenate(lses, axis=3)
-
-
-def _rows_backward(q_RxKxGxLxE, k_RxKxSxE, v_RxKxSxE, seg_RxL, out_RxKxGxLxE, lse_RxKxGxL, dout_RxKxGxLxE):
-  """Flash-attention backward of R rows from the saved log-sum-exp: P = exp(S − lse), dV = Pᵀ·dO,
-  dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ = dS·K/√E, dK = dSᵀ·Q/√E."""
-  E = q_RxKxGxLxE.shape[-1]
-  f32 = lambda x: x.astype(jnp.float32)
-  q, k, v, do = f32(q_RxKxGxLxE), f32(k_RxKxSxE), f32(v_RxKxSxE), f32(dout_RxKxGxLxE)
-  delta_RxKxGxL = jnp.sum(do * f32(out_RxKxGxLxE), axis=-1)
-  dq_blocks, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
-  for a, b in _query_blocks(q.shape[3]):
-    s_RxKxGxLxS, mask = _block_scores(q, k, seg_RxL, a, b)
-    p_RxKxGxLxS = jnp.where(mask, jnp.exp(s_RxKxGxLxS - lse_RxKxGxL[:, :, :, a:b, None]), 0.0)
-    do_b = do[:, :, :, a:b]
-    dv = dv.at[:, :, :b].add(jnp.einsum("rkgls,rkgle->rkse", p_RxKxGxLxS, do_b))
-    dp_RxKxGxLxS = jnp.einsum("rkgle,rkse->rkgls", do_b, v[:, :, :b])
-    ds_RxKxGxLxS = p_RxKxGxLxS * (dp_RxKxGxLxS - delta_RxKxGxL[:, :, :, a:b, None]) / jnp.sqrt(E)
-    dq_blocks.append(jnp.einsum("rkgls,rkse->rkgle", ds_RxKxGxLxS, k[:, :, :b]))
-    dk = dk.at[:, :, :b].add(jnp.einsum("rkgls,rkgle->rkse", ds_RxKxGxLxS, q[:, :, :, a:b]))
-  return (jnp.concatenate(dq_blocks, axis=3).astype(q_RxKxGxLxE.dtype), dk.astype(k_RxKxSxE.dtype),
-          dv.astype(v_RxKxSxE.dtype))
-
-
-def _by_row(fn, *arrays_B):
-  """lax.map of fn over the batch one row at a time (each array gets a leading row axis of 1)."""
-  out = jax.lax.map(lambda xs: fn(*xs), tuple(x[:, None] for x in arrays_B))
-  return jax.tree.map(lambda x: x[:, 0], out)
-
-
-@jax.custom_vjp
-def _flash(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL):
-  return _flash_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL)[0]
-
-
-def _flash_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL):
-  out, lse = _by_row(_rows_forward, q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL)
-  return out, (q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, seg_BxL, out, lse)
-
-
-def _flash_bwd(res, dout_BxKxGxLxE):
-  dq, dk, dv = _by_row(_rows_backward, *res, dout_BxKxGxLxE)
-  return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def causal_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL) -> jax.Array:
-  """Full-sequence attention, one row at a time (lax.map) in query blocks of Q_BLOCK, with a flash-attention
-  backward (custom VJP from the saved log-sum-exp, no softmax recompute): a row's scores stay in cache instead of
-  B·H·L² floats going through memory, and keys after a block are skipped. Queries with no key (padding) give 0."""
-  q_BxKxGxLxE = jnp.transpose(q_BxLxKxGxE, (0, 2, 3, 1, 4))
-  k_BxKxLxE, v_BxKxLxE = jnp.transpose(k_BxLxKxE, (0, 2, 1, 3)), jnp.transpose(v_BxLxKxE, (0, 2, 1, 3))
-  out_BxKxGxLxE = _flash(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, segment_ids_BxL.astype(jnp.int32))
-  return jnp.transpose(out_BxKxGxLxE, (0, 3, 1, 2, 4))
+def attention_path(cfg: TransformerConfig, L: int) -> str:
+  """The full-sequence attention path `cfg.attention` selects at length L on this backend (see ATTENTION)."""
+  backend = jax.default_backend()
+  if cfg.attention == "cudnn" and backend != "gpu":
+    raise ValueError(f"TransformerConfig.attention='cudnn' needs a GPU; this backend is {backend!r} "
+                     f"(use 'xla', 'batched' or 'auto')")
+  if cfg.attention != "auto":
+    return cfg.attention
+  if backend == "cpu":  # row blocks keep the scores in cache from ROWS_MIN_LEN on (BENCHMARKS.md)
+    return "rows" if L >= kernels.ROWS_MIN_LEN else "batched"
+  cudnn_ok = cfg.dtype in ("bfloat16", "float16") and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+  return "cudnn" if backend == "gpu" and cudnn_ok else "xla"
 
 
 class Attention(nn.Module):
@@ -233,9 +166,9 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, decode: bool):
     cfg = self.cfg
     H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q_BxLxHxE = _dense(cfg, (H, E), "q")(x_BxLxD)
-    k_BxLxKxE = _dense(cfg, (K, E), "k")(x_BxLxD)
-    v_BxLxKxE = _dense(cfg, (K, E), "v")(x_BxLxD)
+    q_BxLxHxE = _dense(cfg, (H, E), "q", ("embed",), ("heads", "head_dim"))(x_BxLxD)
+    k_BxLxKxE = _dense(cfg, (K, E), "k", ("embed",), ("kv_heads", "head_dim"))(x_BxLxD)
+    v_BxLxKxE = _dense(cfg, (K, E), "v", ("embed",), ("kv_heads", "head_dim"))(x_BxLxD)
     if cfg.family == "llama":
       q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
       k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
@@ -245,12 +178,11 @@ class Attention(nn.Module):
     if decode:
       kT_BxKxExS, v_BxKxSxE, k_seg_BxS, q_idx_L = self._update_cache(k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
       mask_BxLxS = attention_mask(q_idx_L, jnp.arange(k_seg_BxS.shape[1]), segment_ids_BxL, k_seg_BxS)
-      out_BxLxKxGxE = _attend_cache(q_BxLxKxGxE, kT_BxKxExS, v_BxKxSxE, mask_BxLxS)
-    elif jax.default_backend() == "cpu" and L >= ROWS_MIN_LEN:  # row blocks keep the scores in cache (BENCHMARKS.md)
-      out_BxLxKxGxE = causal_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
-    else:  # accelerators, and short sequences on CPU: one batched attention
-      out_BxLxKxGxE = batched_attention(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
-    return _dense(cfg, cfg.d_model, "o", axis=(-2, -1))(out_BxLxKxGxE.reshape(B, L, H, E))
+      out_BxLxKxGxE = attend_cache(q_BxLxKxGxE, kT_BxKxExS, v_BxKxSxE, mask_BxLxS)
+    else:
+      out_BxLxKxGxE = full_attention(attention_path(cfg, L), q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL)
+    return _dense(cfg, cfg.d_model, "o", ("heads", "head_dim"), ("embed",), axis=(-2, -1))(
+        out_BxLxKxGxE.reshape(B, L, H, E))
 
   def _update_cache(self, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
     """Writes L new slots at the cache index; returns the whole cache and the new slots' indices."""
@@ -280,22 +212,40 @@ class Mlp(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     if cfg.family == "llama":
-      gate_BxLxF = _dense(cfg, cfg.d_ff, "gate")(x_BxLxD)
-      up_BxLxF = _dense(cfg, cfg.d_ff, "up")(x_BxLxD)
-      return _dense(cfg, cfg.d_model, "down")(nn.silu(gate_BxLxF) * up_BxLxF)
-    h_BxLxF = nn.gelu(_dense(cfg, cfg.d_ff, "fc_in")(x_BxLxD), approximate=True)
-    return _dense(cfg, cfg.d_model, "fc_out")(h_BxLxF)
+      gate_BxLxF = _dense(cfg, cfg.d_ff, "gate", ("embed",), ("mlp",))(x_BxLxD)
+      up_BxLxF = _dense(cfg, cfg.d_ff, "up", ("embed",), ("mlp",))(x_BxLxD)
+      return _dense(cfg, cfg.d_model, "down", ("mlp",), ("embed",))(nn.silu(gate_BxLxF) * up_BxLxF)
+    h_BxLxF = nn.gelu(_dense(cfg, cfg.d_ff, "fc_in", ("embed",), ("mlp",))(x_BxLxD), approximate=True)
+    return _dense(cfg, cfg.d_model, "fc_out", ("mlp",), ("embed",))(h_BxLxF)
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)). `scanned`: returns (x, None) for nn.scan."""
   cfg: TransformerConfig
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, decode: bool):
     x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(
         _norm(self.cfg, "attn_norm")(x_BxLxD), positions_BxL, segment_ids_BxL, decode)
-    return x_BxLxD + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x_BxLxD))
+    x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x_BxLxD))
+    return (x_BxLxD, None) if self.scanned else x_BxLxD
+
+
+def _blocks(cfg: TransformerConfig, x_BxLxD, positions_BxL, segment_ids_BxL, decode: bool):
+  """The num_layers blocks: unrolled (`layer_{i}`) or one nn.scan (`layers`, params and cache stacked on a
+  leading "layers" axis), each wrapped in nn.remat when `cfg.remat` asks (decode, argument 4 with self, static)."""
+  block = Block
+  if cfg.remat != "none":
+    block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers, static_argnums=(4,))
+  if not cfg.scan_layers:
+    for i in range(cfg.num_layers):
+      x_BxLxD = block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL, decode)
+    return x_BxLxD
+  scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  return scanned(cfg, scanned=True, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, decode)[0]
 
 
 class Transformer(nn.Module):
@@ -317,19 +267,19 @@ class Transformer(nn.Module):
         raise ValueError("decode=True needs explicit positions_BxL (the slot's position in its sequence)")
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                     embedding_init=nn.initializers.normal(0.02), name="embed")
+                     embedding_init=_named(nn.initializers.normal(0.02), ("vocab", "embed")), name="embed")
     x_BxLxD = embed(tokens_BxL)
     if cfg.family == "gpt2":
       x_BxLxD = x_BxLxD + nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                                   embedding_init=nn.initializers.normal(0.01), name="pos_embed")(positions_BxL)
-    for i in range(cfg.num_layers):
-      x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL, decode)
+                                   embedding_init=_named(nn.initializers.normal(0.01), ("positions", "embed")),
+                                   name="pos_embed")(positions_BxL)
+    x_BxLxD = _blocks(cfg, x_BxLxD, positions_BxL, segment_ids_BxL, decode)
     h_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
     head_in_BxLxD = h_BxLxD if logits_slots is None else h_BxLxD[:, logits_slots[0]:logits_slots[1]]
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(head_in_BxLxD)
     else:
-      logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)(head_in_BxLxD)
+      logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", ("embed",), ("vocab",), use_bias=False)(head_in_BxLxD)
     return logits_BxLxV.astype(jnp.float32), h_BxLxD
 
 
@@ -340,14 +290,32 @@ class ScalarHead(nn.Module):
   @nn.compact
   def __call__(self, h_BxLxD):
     out_BxLx1 = nn.Dense(1, dtype=jnp.float32, param_dtype=self.cfg.jnp_param_dtype,
-                         kernel_init=nn.initializers.normal(1.0 / (self.cfg.d_model + 1) ** 0.5),
-                         name="dense")(h_BxLxD.astype(jnp.float32))
+                         kernel_init=_named(nn.initializers.normal(1.0 / (self.cfg.d_model + 1) ** 0.5),
+                                            ("embed", "scalar")),
+                         bias_init=_named(nn.initializers.zeros_init(), ("scalar",)), name="dense")(h_BxLxD.astype(jnp.float32))
     return out_BxLx1[..., 0]
 
 
-def init_params(cfg: TransformerConfig, rng: jax.Array) -> dict:
-  """Randomly initialised Transformer params (built from a length-1 dummy batch)."""
+def boxed_params(cfg: TransformerConfig, rng: jax.Array) -> dict:
+  """Randomly initialised Transformer params, each boxed with its logical axis names (nn.LogicallyPartitioned)."""
   return Transformer(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(cfg: TransformerConfig, rng: jax.Array) -> dict:
+  """Randomly initialised Transformer params as plain arrays (built from a length-1 dummy batch)."""
+  return nn.unbox(boxed_params(cfg, rng))
+
+
+def boxed_head_params(cfg: TransformerConfig, rng: jax.Array) -> dict:
+  """Randomly initialised ScalarHead params, boxed with their logical axis names."""
+  return ScalarHead(cfg).init(rng, jnp.zeros((1, 1, cfg.d_model), jnp.float32))["params"]
+
+
+def logical_axes(boxed_fn) -> Any:
+  """The logical PartitionSpec of every parameter built by `boxed_fn()` (a function returning a tree of boxed
+  params, e.g. `lambda: boxed_params(cfg, key)`), from abstract shapes only (jax.eval_shape: nothing allocated).
+  Plain (unboxed) leaves, such as a scalar, get the empty spec (replicated)."""
+  return nn.get_partition_spec(jax.eval_shape(boxed_fn))
 
 
 def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> dict:
@@ -358,6 +326,47 @@ def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> dict:
       jax.random.PRNGKey(0), jnp.zeros((batch_size, length), jnp.int32),
       jnp.zeros((batch_size, length), jnp.int32), decode=True)["cache"])
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _layer_names(tree) -> list[str]:
+  """The `layer_{i}` keys of a dict, checked to be layer_0 .. layer_{n-1}."""
+  names = [k for k in tree if re.fullmatch(r"layer_\d+", k)]
+  if sorted(names, key=lambda k: int(k[6:])) != [f"layer_{i}" for i in range(len(names))]:
+    raise ValueError(f"layer keys {sorted(names)} are not layer_0 .. layer_{len(names) - 1}")
+  return [f"layer_{i}" for i in range(len(names))]
+
+
+def _stack(*xs):
+  return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+
+def stack_layers(params):
+  """Unrolled layout -> scan layout: every dict's `layer_0 .. layer_{n-1}` subtrees become one `layers` subtree
+  whose leaves have a leading num_layers axis (host numpy stays numpy). Already-stacked trees pass unchanged."""
+  if not isinstance(params, dict) and not hasattr(params, "items"):
+    return params
+  names = _layer_names(params)
+  out = {k: stack_layers(v) for k, v in params.items() if k not in names}
+  if names:
+    out["layers"] = jax.tree.map(_stack, *[params[k] for k in names])
+  return out
+
+
+def unstack_layers(params):
+  """Scan layout -> unrolled layout: every dict's `layers` subtree (leading num_layers axis) becomes
+  `layer_0 .. layer_{n-1}`. Already-unrolled trees pass unchanged."""
+  if not isinstance(params, dict) and not hasattr(params, "items"):
+    return params
+  out = {k: unstack_layers(v) for k, v in params.items() if k != "layers"}
+  if "layers" in params:
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    out.update({f"layer_{i}": jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)})
+  return out
+
+
+def to_layout(params, cfg: TransformerConfig):
+  """`params` (either layout) in the layer layout `cfg.scan_layers` asks for."""
+  return stack_layers(params) if cfg.scan_layers else unstack_layers(params)
 
 
 def param_count(params) -> int:

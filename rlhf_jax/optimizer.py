@@ -23,8 +23,12 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> op
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only (kernels and embeddings of rank >= 2), not on biases and norm scales."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """Weight decay on matrices only (kernels and embeddings of rank >= 2), not on biases and norm scales; under a
+  scanned `layers` subtree the leading layers axis does not count."""
+  def is_matrix(path, x):
+    stacked = any(getattr(k, "key", None) == "layers" for k in path)
+    return x.ndim - stacked >= 2
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import evaluate, metrics, ppo, rankings, stages, tasks
+from rlhf_jax import evaluate, lora, metrics, ppo, rankings, stages, tasks
 from rlhf_jax.tokenizer import train_tokenizer
 
 
@@ -25,7 +25,8 @@ def _stage(steps: int, lr: float, batch_size: int, seq_len: int, warmup: int = 2
   return ml_collections.ConfigDict({
       "data": {"batch_size": batch_size, "seq_len": seq_len},
       "opt": {"lr": lr, "warmup_steps": warmup},
-      "train": {"num_steps": steps, "log_every": 25, "eval_every": 0, "checkpoint_every": steps}})
+      "train": {"num_steps": steps, "log_every": 25, "eval_every": 0, "checkpoint_every": steps},
+      "lora": lora.config().to_dict()})  # --config.sft.lora.rank=8: adapters on the previous stage's model
 
 
 ORACLE_SCALE = 4.0  # oracle reward = ORACLE_SCALE x score in [0, 1]: a spread like the RM's scores

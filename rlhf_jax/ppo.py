@@ -14,6 +14,9 @@ network's forward/backward instead of two). `run(reward_fn=...)` replaces the RM
 
 Networks (InstructGPT's four): policy and value trained (`Trainable`), reference and reward model frozen
 (`Frozen`). The value network is a Transformer + ScalarHead, initialised from the RM or from SFT + a new head.
+With LoRA (`cfg.lora.rank` > 0) the trained groups are adapters: policy {"adapters"} on the frozen reference (the
+reference is the base with the adapters off: one copy), value {"adapters", "head"} on the RM's backbone
+(value_init="reward") or the reference ("sft"); `effective` merges them inside every compiled function.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from rlhf_jax import advantages, checkpoint, data, losses, metrics, optimizer, parallel, rl, sampling, trainer
+from rlhf_jax import advantages, checkpoint, data, lora, losses, metrics, optimizer, parallel, rl, sampling, trainer
 from rlhf_jax.advantages import global_whiten, group_baselined  # noqa: F401  (re-exported)
 from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig
 from rlhf_jax.ppo_config import Hyper, config, ppo_config  # noqa: F401  (re-exported: ppo.Hyper, ppo.config, ...)
@@ -79,6 +82,21 @@ class Models:
   policy: TransformerConfig = struct.field(pytree_node=False)
   value: TransformerConfig = struct.field(pytree_node=False)
   reward: TransformerConfig = struct.field(pytree_node=False)
+  lora: lora.Spec = struct.field(pytree_node=False, default=lora.Spec())  # rank 0: params are the full networks
+  value_base: str = struct.field(pytree_node=False, default="ref")  # LoRA value adapters on "ref" or "reward"
+
+
+def effective(params: Trainable, frozen: Frozen | None, models: Models) -> Trainable:
+  """The full networks: with LoRA, policy = merge(reference, adapters) and value = {merge(base, adapters), head}
+  (base: the reference or the RM backbone, `models.value_base`); without LoRA `params` itself."""
+  spec = models.lora
+  if not spec.enabled:
+    return params
+  value = None
+  if params.value is not None:
+    base = frozen.ref if models.value_base == "ref" else frozen.reward["backbone"]
+    value = lora.join(params.value, base, spec, "backbone")
+  return Trainable(policy=lora.join(params.policy, frozen.ref, spec), value=value)
 
 
 def response_logits(params, cfg: TransformerConfig, seq_BxS, seg_BxS, pos_BxS, T: int):
@@ -103,6 +121,7 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
   `entropy_BxT`, computed while decoding; equal to a full forward's to float32 rounding), so scoring runs three
   forwards (reference, value, reward), not four. A given `score_B` (per response) replaces the RM's score.
   """
+  params = effective(params, frozen, models)
   T = samples.tokens_BxT.shape[1]
   seq, seg, pos = samples.sequence_BxPT, samples.sequence_mask_BxPT, samples.positions_BxPT
   mask_BxT = samples.mask_BxT.astype(jnp.float32)
@@ -141,6 +160,7 @@ def ppo_loss(params: Trainable, mb: dict, rng, *, models: Models, ppo):
   """Summed minibatch loss: the policy loss aggregated per `ppo.loss_agg` (numerator; its denominator is the
   count) + c_vf × the value loss's token mean × that count, + γ·ptx rescaled to the same count."""
   r: Rollout = mb["rollout"]
+  params = effective(params, mb.get("frozen"), models)  # LoRA: the base is an input, never differentiated
   T = r.mask_BxT.shape[1]
   logits_BxTxV, _ = response_logits(params.policy, models.policy, r.sequence_BxS, r.segment_ids_BxS,
                                     r.positions_BxS, T)
@@ -181,11 +201,12 @@ def _minibatches(tree, perm_b, M: int):
   return jax.tree.map(lambda x: x[perm_b].reshape((M, x.shape[0] // M) + x.shape[1:]), tree)
 
 
-def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, kl_coef=0.0, *,
+def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, kl_coef=0.0, frozen: Frozen | None = None, *,
                tx: optax.GradientTransformation, models: Models, ppo) -> tuple[PPOState, dict]:
   """Per device: `ppo_epochs` × `minibatches` clipped PPO(-ptx) steps in one nested lax.scan; metrics (sum, count).
 
-  `kl_coef` (β, traced) weighs the k3 term of the loss when `ppo.kl_in == "loss"` (ignored otherwise)."""
+  `kl_coef` (β, traced) weighs the k3 term of the loss when `ppo.kl_in == "loss"` (ignored otherwise); `frozen`
+  (LoRA): the bases the adapters are merged into."""
   M, b = ppo.minibatches, rollout.mask_BxT.shape[0]
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), parallel.device_index())
   n_global = parallel.psum(loss_count(rollout.mask_BxT, ppo))
@@ -198,7 +219,7 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, kl_coef=0.0,
   def minibatch(carry, xs):
     params, opt_state = carry
     mb_rollout, mb_ptx, key = xs
-    mb = {"rollout": mb_rollout, "kl_coef": kl_coef}
+    mb = {"rollout": mb_rollout, "kl_coef": kl_coef, "frozen": frozen}
     if mb_ptx is not None:
       mb.update(ptx=mb_ptx, ptx_scale=ptx_scale)
     aux, grads = trainer.mean_grads(loss_fn, params, mb, key)
@@ -252,6 +273,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   from rlhf_jax import stages  # stage plumbing (loading SFT/RM workdirs, data files)
   # ---- inputs, validated before anything is written
   hyper = Hyper.from_config(cfg.ppo)
+  spec = lora.Spec.from_config(cfg.lora)
   if cfg.ppo.value_init not in ("reward", "sft"):
     raise ValueError(f"config ppo.value_init={cfg.ppo.value_init!r}; expected 'reward' or 'sft'")
   if not cfg.train.init_from:
@@ -264,6 +286,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   prompt_files = stages.checked_files(cfg.data.prompts, "data.prompts")
   ptx_files = stages.checked_files(cfg.data.ptx, "data.ptx") if hyper.ptx_coef > 0 else None
   policy_cfg, sft_params, tok = stages.load_policy(cfg.train.init_from)
+  tok = stages.chat_tokenizer(cfg, tok)
   rm_cfg, rm_params, offset = (stages.load_reward_model(cfg.ppo.reward_from) if cfg.ppo.reward_from
                                 else (policy_cfg, None, 0.0))
   if rm_cfg.vocab_size != policy_cfg.vocab_size:
@@ -295,6 +318,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
                        f"by ppo.minibatches={hyper.minibatches}")
 
   # ---- networks and state: resume > SFT/RM init
+  if checkpoint.has_checkpoint(workdir):
+    lora.check_resume(stages._source_meta(workdir).get("lora"), spec, workdir)
+  if spec.enabled:  # the frozen reference (and RM) are the LoRA bases
+    sft_params = lora.cast_base(sft_params, cfg.lora.base_dtype)
+    rm_params = rm_params if rm_params is None else dict(rm_params, backbone=lora.cast_base(rm_params["backbone"],
+                                                                                          cfg.lora.base_dtype))
   if not critic:
     value_cfg, value_params = policy_cfg, None
   elif cfg.ppo.value_init == "reward":
@@ -302,12 +331,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   else:
     value_cfg = policy_cfg
     value_params = stages.fresh_reward_params(policy_cfg, jax.random.PRNGKey(cfg.train.seed), backbone=sft_params)
-  models = Models(policy_cfg, value_cfg, rm_cfg)
+  models = Models(policy_cfg, value_cfg, rm_cfg, spec, "reward" if cfg.ppo.value_init == "reward" else "ref")
   num_updates = cfg.train.num_steps * hyper.ppo_epochs * hyper.minibatches
   tx = optimizer.make_optimizer(cfg.opt, num_updates)
 
   def fresh() -> PPOState:
     params = Trainable(policy=sft_params, value=value_params)
+    if spec.enabled:  # adapters (+ the value head) train; the SFT / RM params stay frozen
+      k1, k2 = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+      params = Trainable(policy=lora.split(sft_params, spec, k1)[0],
+                         value=None if value_params is None else lora.split(value_params, spec, k2, "backbone")[0])
     return PPOState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(cfg.train.seed))
 
   ctl = _controller(cfg.ppo)
@@ -325,6 +358,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
     state = fresh()
   meta = {"stage": "ppo", "model": dataclasses.asdict(policy_cfg), "sft": cfg.train.init_from,
           "reward": cfg.ppo.reward_from if reward_fn is None else f"reward_fn {getattr(reward_fn, '__name__', '')}"}
+  if spec.enabled:
+    meta.update(lora={**spec.meta(), "base_dtype": cfg.lora.base_dtype}, lora_base=cfg.train.init_from)
 
   # ---- compiled functions (pmapped over local devices)
   sampler = sampling.make_sampler(parallel.pmap, policy_cfg, max_new_tokens=cfg.ppo.max_new_tokens,
@@ -332,6 +367,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
                                   eos_id=tok.eos_id, pad_id=tok.pad_id)
   p_score = parallel.pmap(functools.partial(score_rollout, models=models, ppo=hyper))
   p_update = parallel.pmap(functools.partial(ppo_update, tx=tx, models=models, ppo=hyper), donate_argnums=(0,))
+  p_policy = parallel.pmap(lambda params, frozen: effective(params, frozen, models).policy)  # LoRA: merged to sample
   n_dev = parallel.device_count()
   state_R = parallel.replicate(state)
   frozen_R = parallel.replicate(Frozen(ref=sft_params, reward=rm_params))
@@ -349,7 +385,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       t0 = time.perf_counter()
       rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed + 1), it), n_dev)
       sharded = parallel.shard_batch(batch, "config ppo.rollout_batch")
-      samples = sampler(state_R.params.policy, sharded["prompt_tokens"], sharded["prompt_mask"], rngs)
+      policy_R = p_policy(state_R.params, frozen_R) if spec.enabled else state_R.params.policy
+      samples = sampler(policy_R, sharded["prompt_tokens"], sharded["prompt_mask"], rngs)
       jax.block_until_ready(samples.tokens_BxT)
       t1 = time.perf_counter()
       kl_R = parallel.replicate(np.float32(ctl.value))
@@ -365,7 +402,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       ptx = parallel.shard_batch(next(ptx_loader), "config data.ptx_batch_size") if ptx_loader else None
       if it == cfg.train.nan_at_step:
         rollout = rollout.replace(advantages_BxT=rollout.advantages_BxT * np.nan)
-      state_R, update_sums = p_update(state_R, rollout, ptx, kl_R)
+      del policy_R  # LoRA: the merged copy is freed before the update
+      state_R, update_sums = p_update(state_R, rollout, ptx, kl_R, frozen_R if spec.enabled else None)
       m = _host_metrics({**jax.tree.map(lambda x: x[0], score_sums), **jax.tree.map(lambda x: x[0], update_sums)})
       t2 = time.perf_counter()
       metrics.check_finite(m, it, "ppo")

@@ -19,7 +19,7 @@ import dataclasses
 
 import ml_collections
 
-from rlhf_jax import optimizer, rl, trainer
+from rlhf_jax import lora, optimizer, rl, trainer
 
 ADVANTAGES = ("gae", "rloo", "grpo")
 KL_IN = ("reward", "loss")
@@ -142,6 +142,7 @@ def config() -> ml_collections.ConfigDict:
   cfg.data.ptx = ""  # pretraining text for the ptx term (required when ppo.ptx_coef > 0)
   cfg.data.prompt_len = 32  # P: prompts are left-padded to this many tokens (incl. bos)
   cfg.data.truncate = False  # cut prompts longer than prompt_len from the left instead of raising
+  cfg.data.chat_template = False  # True: render prompts with the tokenizer's chat template (kept if SFT used it)
   cfg.data.ptx_seq_len = 64  # packed pretraining rows for the ptx term
   cfg.data.ptx_batch_size = 16  # ptx rows per iteration (split over the minibatches)
   cfg.data.seed = 0  # prompt order
@@ -151,6 +152,7 @@ def config() -> ml_collections.ConfigDict:
   cfg.opt.schedule = "constant"
   cfg.opt.weight_decay = 0.0
   cfg.train = trainer.train_config(num_steps=100)  # num_steps = PPO iterations (rollout + update)
+  cfg.lora = lora.config()  # rank > 0: policy and value train adapters on the frozen SFT / RM weights
   cfg.train.log_every = 1
   cfg.train.checkpoint_every = 25
   return cfg

@@ -2,8 +2,9 @@
 
 Each `run_*(cfg, workdir)` validates its inputs before writing anything, resolves the model and tokenizer
 (resume > `train.init_from` > scratch), builds the loaders and calls `trainer.train_loop`. Every stage's
-workdir holds `tokenizer.model` and the model config in its checkpoints' metadata, so the next stage can
-start from it with only `--config.train.init_from=<workdir>`.
+workdir holds its tokenizer (`tokenizer.model`, or a `tokenizer/` folder for HF / GGUF tokenizers, see
+tokenizer.py) and the model config in its checkpoints' metadata, so the next stage can start from it with only
+`--config.train.init_from=<workdir>`. `hf:DIR` and `gguf:FILE` sources bring their own tokenizer.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import functools
 import itertools
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -20,11 +20,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import checkpoint, data, losses, optimizer, trainer
-from rlhf_jax.model import TransformerConfig, init_params
-from rlhf_jax.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
+from rlhf_jax import checkpoint, data, lora, losses, optimizer, trainer
+from rlhf_jax.model import TransformerConfig, init_params, to_layout
+from rlhf_jax.tokenizer import BaseTokenizer as Tokenizer
+from rlhf_jax.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a workdir's sentencepiece tokenizer (HF ones: tokenizer/)
+EXTERNAL = ("hf:", "gguf:")  # init_from prefixes of checkpoints made elsewhere
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -41,13 +43,25 @@ def model_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # output projection shares the token embedding
   m.dtype = "float32"  # compute dtype: float32 | bfloat16
   m.param_dtype = "float32"  # parameter dtype
+  # how the model runs (also applied to an init_from model; a resumed run keeps its checkpoint's):
+  m.scan_layers = False  # blocks as one nn.scan (params stacked under "layers"): compile time independent of depth
+  m.remat = "none"  # recompute each block in the backward: none | block | dots (matmul outputs saved)
+  m.attention = "auto"  # auto | xla | cudnn (GPU) | rows | batched (see model.ATTENTION)
   return m
+
+
+RUNTIME_FIELDS = ("scan_layers", "remat", "attention")  # cfg.model fields that override an init_from model's
+
+
+def _with_runtime(model: TransformerConfig, cfg: ml_collections.ConfigDict) -> TransformerConfig:
+  """`model` with cfg.model's RUNTIME_FIELDS (how it runs, not what it computes)."""
+  return dataclasses.replace(model, **{f: cfg.model[f] for f in RUNTIME_FIELDS if f in cfg.model})
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
   """The `cfg.tokenizer` group."""
   t = ml_collections.ConfigDict()
-  t.path = ""  # sentencepiece model; "" = init_from's tokenizer, else train one on data.train into the workdir
+  t.path = ""  # .model / tokenizer.json / HF folder / .gguf; "" = init_from's, else train one on data.train
   t.vocab_size = 512  # when training one
   t.model_type = "bpe"  # bpe | unigram | char | word
   return t
@@ -63,6 +77,7 @@ def lm_data_config(seq_len: int = 128, batch_size: int = 16) -> ml_collections.C
   d.batch_size = batch_size  # global rows per step (divisible by the device count)
   d.seed = 0  # shuffling seed (order is a function of seed and epoch)
   d.truncate = False  # SFT: cut long prompts from the left instead of raising
+  d.chat_template = False  # True: prompts rendered with the tokenizer's chat template (later stages keep it)
   return d
 
 
@@ -95,37 +110,57 @@ def _source_meta(workdir: str) -> dict:
 
 
 def resolve_init(cfg: ml_collections.ConfigDict, workdir: str, train_files) -> Init:
-  """Model config + tokenizer: resume (own workdir) > train.init_from (workdir or hf:DIR) > scratch."""
+  """Model config + tokenizer: resume (own workdir) > train.init_from (workdir, hf:DIR or gguf:FILE) > scratch."""
   source = cfg.train.init_from
   own = checkpoint.has_checkpoint(workdir)
   if own:
     meta = _source_meta(workdir)
     model = TransformerConfig.from_dict(meta["model"])
-    return Init(model, load_tokenizer(os.path.join(workdir, TOKENIZER_FILE)))
-  if source.startswith("hf:"):
-    from rlhf_jax import hf_import
-    model, params = hf_import.load_hf_checkpoint(source[3:])
-    if not cfg.tokenizer.path and not os.path.exists(os.path.join(source[3:], TOKENIZER_FILE)):
-      raise ValueError(f"config train.init_from={source!r} has no {TOKENIZER_FILE}: pass --config.tokenizer.path "
-                       f"(a sentencepiece model with the checkpoint's {model.vocab_size} pieces)")
-    tok = load_tokenizer(cfg.tokenizer.path or source[3:])
-    check_vocab(tok, model.vocab_size, f"{source} vocab_size")
-    return Init(model, tok, lambda: params)
+    return Init(model, chat_tokenizer(cfg, load_tokenizer(workdir)))
+  if source.startswith(EXTERNAL):
+    model, params, tok = load_external(source, cfg.tokenizer.path)
+    return Init(_with_runtime(model, cfg), chat_tokenizer(cfg, tok), lambda: params)
   if source:
     meta = _source_meta(source)
     if "model" not in meta:
       raise ValueError(f"config train.init_from={source!r}: checkpoint has no model metadata")
-    model = TransformerConfig.from_dict(meta["model"])
-    tok = load_tokenizer(cfg.tokenizer.path or os.path.join(source, TOKENIZER_FILE))
-    check_vocab(tok, model.vocab_size, f"train.init_from={source!r} model.vocab_size")
-    params_fn = lambda: checkpoint.load_params(source)[0]
-    return Init(model, tok, params_fn)
+    model = _with_runtime(TransformerConfig.from_dict(meta["model"]), cfg)
+    tok = load_tokenizer(cfg.tokenizer.path or source)
+    check_vocab(tok, model.vocab_size, f"train.init_from={source!r} model.vocab_size",
+                exact=tok.kind == "sentencepiece")
+    params_fn = lambda: unfold(checkpoint.load_params(source)[0], meta)
+    return Init(model, chat_tokenizer(cfg, tok), params_fn)
   tok = _scratch_tokenizer(cfg, workdir, train_files)
   m = cfg.model.to_dict()
   m["vocab_size"] = m["vocab_size"] or tok.vocab_size
   model = TransformerConfig.from_dict(m)
   check_vocab(tok, model.vocab_size, "config model.vocab_size")
-  return Init(model, tok)
+  return Init(model, chat_tokenizer(cfg, tok))
+
+
+def chat_tokenizer(cfg: ml_collections.ConfigDict, tok: Tokenizer) -> Tokenizer:
+  """`tok`, rendering prompts with its chat template when config data.chat_template is set."""
+  return tok.with_chat_template() if cfg.get("data", {}).get("chat_template", False) else tok
+
+
+def load_external(source: str, tokenizer_path: str = "") -> tuple[TransformerConfig, Any, Tokenizer]:
+  """(model config, params, tokenizer) of `hf:DIR` or `gguf:FILE`: the checkpoint's own tokenizer unless
+  `tokenizer_path` (config tokenizer.path) is given; the model may have more embedding rows than tokens."""
+  kind, path = source.split(":", 1)
+  try:
+    tok = load_tokenizer(tokenizer_path or path)
+  except ValueError as e:
+    if tokenizer_path:
+      raise
+    raise ValueError(f"config train.init_from={source!r} has no tokenizer: pass --config.tokenizer.path ({e})") from e
+  if kind == "hf":
+    from rlhf_jax import hf_import
+    model, params = hf_import.load_hf_checkpoint(path)
+  else:
+    from rlhf_jax import gguf_import
+    model, params = gguf_import.load_gguf_checkpoint(path)
+  check_vocab(tok, model.vocab_size, f"{source} vocab_size", exact=False)
+  return model, params, tok
 
 
 def _scratch_tokenizer(cfg, workdir: str, train_files) -> Tokenizer:
@@ -139,11 +174,8 @@ def _scratch_tokenizer(cfg, workdir: str, train_files) -> Tokenizer:
 
 
 def install_tokenizer(tok: Tokenizer, workdir: str) -> None:
-  """Copies the tokenizer into the workdir, so the next stage finds it there."""
-  os.makedirs(workdir, exist_ok=True)
-  dest = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.abspath(tok.path) != os.path.abspath(dest):
-    shutil.copyfile(tok.path, dest)
+  """Writes the tokenizer into the workdir (tokenizer.model or tokenizer/), so the next stage finds it there."""
+  tok.save(workdir)
 
 
 def checked_params_fn(init: Init, source: str) -> Callable[[Any], Any] | None:
@@ -152,12 +184,60 @@ def checked_params_fn(init: Init, source: str) -> Callable[[Any], Any] | None:
     return None
 
   def load(fresh):
-    params = init.params_fn()
+    params = to_layout(init.params_fn(), init.model)  # a checkpoint of the other layer layout converts here
     checkpoint.check_same_structure(fresh, params, f"config train.init_from={source!r}")
     logging.info("initialised params from %s", source)
     return jax.tree.map(lambda f, p: p.astype(f.dtype), fresh, params)
 
   return load
+
+
+@dataclasses.dataclass
+class LoraRun:
+  """A LoRA stage's settings, its frozen base (merged source params, in the base dtype) and checkpoint metadata."""
+  spec: lora.Spec
+  base: Any
+  meta: dict
+
+
+def lora_run(cfg: ml_collections.ConfigDict, workdir: str, init: Init, spec: lora.Spec) -> LoraRun | None:
+  """The base of a LoRA run: resume: the `lora_base` its checkpoint names (same rank/alpha/targets, else an error
+  naming the field and both values); else `train.init_from`. None when `lora.rank` is 0."""
+  own = checkpoint.has_checkpoint(workdir)
+  meta = _source_meta(workdir) if own else {}
+  if own:
+    lora.check_resume(meta.get("lora"), spec, workdir)
+  if not spec.enabled:
+    return None
+  source = meta["lora_base"] if own else cfg.train.init_from
+  if not source:
+    raise ValueError(f"config lora.rank={spec.rank} needs train.init_from: the base model the adapters train on")
+  base = init.params_fn() if not own and init.params_fn else base_params(source)
+  fresh = jax.eval_shape(lambda: init_params(init.model, jax.random.PRNGKey(0)))
+  checkpoint.check_same_structure(fresh, base, f"lora base {source!r}")
+  base = lora.cast_base(jax.tree.map(lambda f, p: np.asarray(p).astype(f.dtype), fresh, base), cfg.lora.base_dtype)
+  return LoraRun(spec, base, {"lora": {**spec.meta(), "base_dtype": cfg.lora.base_dtype}, "lora_base": source})
+
+
+def base_params(source: str):
+  """Transformer params of a policy source (hf:DIR or a pretraining/SFT/PPO workdir, LoRA adapters folded in)."""
+  if source.startswith("hf:"):
+    from rlhf_jax import hf_import
+    return hf_import.load_hf_checkpoint(source[3:])[1]
+  return load_policy(source, "lora base")[1]
+
+
+def unfold(params, meta: dict, key: str | None = None):
+  """A checkpoint's params as the full tree: LoRA adapters (when its meta says so) folded into their base."""
+  saved = meta.get("lora") or {}
+  if not saved.get("rank"):
+    return params
+  spec = lora.Spec(saved["rank"], saved["alpha"], tuple(saved["targets"]))
+  base = lora.cast_base(base_params(meta["lora_base"]), saved.get("base_dtype", ""))
+  full = lora.join(params, base, spec, key)
+  base_dtype = lambda m, b: np.asarray(m).astype(np.asarray(b).dtype)
+  return jax.tree.map(base_dtype, full, base) if key is None else dict(full, **{key: jax.tree.map(
+      base_dtype, full[key], base)})
 
 
 def _hosts() -> dict:
@@ -178,9 +258,11 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
     raise ValueError(f"run_lm stage={stage!r}; expected pretrain or sft")
   train_files = checked_files(cfg.data.train, "data.train")
   eval_files = checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
+  spec = lora.Spec.from_config(cfg.lora)
   init = resolve_init(cfg, workdir, train_files)
   if cfg.data.seq_len > init.model.max_len:
     raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={init.model.max_len}")
+  lo = lora_run(cfg, workdir, init, spec)
   if stage == "pretrain":
     make = functools.partial(data.make_lm_loader, text_key=cfg.data.text_key)
   else:
@@ -192,12 +274,17 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
   install_tokenizer(init.tokenizer, workdir)
   tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
   model = init.model
+  loss_fn = functools.partial(losses.lm_loss, cfg=model)
+  scratch = lambda: trainer.create_state(init_params(model, jax.random.PRNGKey(cfg.train.seed)), tx, cfg.train.seed)
+  init_fn, meta = checked_params_fn(init, cfg.train.init_from), {"stage": stage, "model": dataclasses.asdict(model)}
+  if lo is not None:  # LoRA: the adapters train, the base is a frozen argument of every step
+    loss_fn, init_fn, meta = lora.with_base(loss_fn, lo.spec), None, {**meta, **lo.meta}
+    scratch = lambda: trainer.create_state(lora.split(lo.base, lo.spec, jax.random.PRNGKey(cfg.train.seed))[0], tx,
+                                           cfg.train.seed)
   _, last = trainer.train_loop(
-      workdir=workdir, train_cfg=cfg.train, loss_fn=functools.partial(losses.lm_loss, cfg=model),
-      scratch_state=lambda: trainer.create_state(init_params(model, jax.random.PRNGKey(cfg.train.seed)), tx,
-                                                 cfg.train.seed),
-      train_loader=train_loader, eval_batches=eval_fn, init_from_params=checked_params_fn(init, cfg.train.init_from),
-      meta={"stage": stage, "model": dataclasses.asdict(model)}, stage=stage)
+      workdir=workdir, train_cfg=cfg.train, loss_fn=loss_fn, scratch_state=scratch, train_loader=train_loader,
+      eval_batches=eval_fn, init_from_params=init_fn, meta=meta, stage=stage,
+      frozen=lo.base if lo is not None else None)
   return last
 
 
@@ -224,6 +311,7 @@ def lm_config(stage: str) -> ml_collections.ConfigDict:
   if stage == "sft":
     cfg.opt.warmup_steps = 10
   cfg.train = trainer.train_config(num_steps=400 if stage == "pretrain" else 200)
+  cfg.lora = lora.config()
   return cfg
 
 
@@ -240,6 +328,7 @@ def reward_config() -> ml_collections.ConfigDict:
   cfg.loss.lm_coef = 0.0  # + this × next-token loss on each record's best response (0: InstructGPT's RM loss)
   cfg.loss.loglik_feature = False  # score += a · log π_backbone(response | prompt), a learned (from 0)
   cfg.loss.token_head = False  # score += Σ_t u(h_t) over the response tokens, u a second scalar head (from 0)
+  cfg.lora = lora.config()
   return cfg
 
 
@@ -249,9 +338,10 @@ def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None,
   likelihood feature's weight, 0) and "token_head" (a zero ScalarHead for per-token rewards) when asked; see
   `losses.packed_scores`."""
   import jax.numpy as jnp
-  from rlhf_jax.model import ScalarHead
+  import flax.linen as nn
+  from rlhf_jax.model import boxed_head_params
   k1, k2 = jax.random.split(rng)
-  head = ScalarHead(model).init(k2, jnp.zeros((1, 1, model.d_model), jnp.float32))["params"]
+  head = nn.unbox(boxed_head_params(model, k2))
   params = {"backbone": backbone if backbone is not None else init_params(model, k1), "head": head}
   if loglik:
     params["loglik"] = jnp.zeros((), jnp.float32)
@@ -265,12 +355,14 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   train_files = checked_files(cfg.data.train, "data.train")
   eval_files = checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
   norm_files = checked_files(cfg.data.normalize_on, "data.normalize_on") if cfg.data.normalize_on else None
+  spec = lora.Spec.from_config(cfg.lora)
   init = resolve_init(cfg, workdir, train_files)
   model = init.model
   if cfg.data.seq_len > model.max_len:
     raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={model.max_len}")
   if cfg.loss.lm_coef < 0:
     raise ValueError(f"config loss.lm_coef={cfg.loss.lm_coef} must be >= 0")
+  lo = lora_run(cfg, workdir, init, spec)
   make = functools.partial(data.make_comparison_loader, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
                            batch_size=cfg.data.batch_size, max_responses=cfg.data.max_responses,
                            truncate_prompt=cfg.data.truncate, workdir=workdir, **_hosts())
@@ -278,20 +370,27 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
   install_tokenizer(init.tokenizer, workdir)
   tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
-  scratch = lambda: trainer.create_state(fresh_reward_params(model, jax.random.PRNGKey(cfg.train.seed),
-                                                             loglik=bool(cfg.loss.loglik_feature),
-                                                             token_head=bool(cfg.loss.token_head)), tx,
-                                         cfg.train.seed)
+  fresh = lambda backbone=None: fresh_reward_params(model, jax.random.PRNGKey(cfg.train.seed), backbone=backbone,
+                                                   loglik=bool(cfg.loss.loglik_feature),
+                                                   token_head=bool(cfg.loss.token_head))
+  scratch = lambda: trainer.create_state(fresh(), tx, cfg.train.seed)
   backbone_fn = checked_params_fn(init, cfg.train.init_from)
   init_fn = None
   if backbone_fn is not None:
     init_fn = lambda fresh: dict(fresh, backbone=backbone_fn(fresh["backbone"]))
+  loss_fn = functools.partial(losses.reward_loss, cfg=model, lm_coef=float(cfg.loss.lm_coef))
+  meta = {"stage": "reward", "model": dataclasses.asdict(model)}
+  if lo is not None:  # LoRA: adapters + the heads train on the frozen SFT backbone
+    loss_fn, init_fn, meta = lora.with_base(loss_fn, lo.spec, "backbone"), None, {**meta, **lo.meta}
+    scratch = lambda: trainer.create_state(lora.split(fresh(lo.base), lo.spec, jax.random.PRNGKey(cfg.train.seed),
+                                                      "backbone")[0], tx, cfg.train.seed)
   state, last = trainer.train_loop(
-      workdir=workdir, train_cfg=cfg.train, loss_fn=functools.partial(losses.reward_loss, cfg=model, lm_coef=float(cfg.loss.lm_coef)),
-      scratch_state=scratch, train_loader=train_loader, eval_batches=eval_fn, init_from_params=init_fn,
-      meta={"stage": "reward", "model": dataclasses.asdict(model)}, stage="reward")
+      workdir=workdir, train_cfg=cfg.train, loss_fn=loss_fn, scratch_state=scratch, train_loader=train_loader,
+      eval_batches=eval_fn, init_from_params=init_fn, meta=meta, stage="reward",
+      frozen=lo.base if lo is not None else None)
   if norm_files and jax.process_index() == 0:
-    _write_offset(workdir, state.params, model, init.tokenizer, norm_files, cfg.data.seq_len)
+    params = state.params if lo is None else lora.join(state.params, lo.base, lo.spec, "backbone")
+    _write_offset(workdir, params, model, init.tokenizer, norm_files, cfg.data.seq_len)
   return last
 
 
@@ -336,7 +435,7 @@ def load_reward_model(workdir: str) -> tuple[TransformerConfig, Any, float]:
   if meta.get("stage") != "reward":
     raise ValueError(f"config ppo.reward_from={workdir!r} is not a reward-model workdir (its checkpoint says "
                      f"stage={meta.get('stage')!r})")
-  params, _ = checkpoint.load_params(workdir)
+  params = unfold(checkpoint.load_params(workdir)[0], meta, "backbone")
   offset = 0.0
   norm = os.path.join(workdir, NORM_FILE)
   if os.path.exists(norm):
@@ -346,12 +445,9 @@ def load_reward_model(workdir: str) -> tuple[TransformerConfig, Any, float]:
 
 
 def load_policy(workdir: str, field: str = "train.init_from") -> tuple[TransformerConfig, Any, Tokenizer]:
-  """(model config, Transformer params, tokenizer) of a pretraining/SFT/PPO/DPO workdir (or hf:DIR with its
-  tokenizer)."""
-  if workdir.startswith("hf:"):
-    from rlhf_jax import hf_import
-    model, params = hf_import.load_hf_checkpoint(workdir[3:])
-    return model, params, load_tokenizer(workdir[3:])
+  """(model config, Transformer params, tokenizer) of a pretraining/SFT/PPO/DPO workdir (or hf:DIR / gguf:FILE)."""
+  if workdir.startswith(EXTERNAL):
+    return load_external(workdir)
   meta = _source_meta(workdir)
   if meta.get("stage") not in ("pretrain", "sft", "ppo", "dpo"):
     raise ValueError(f"config {field}={workdir!r} is a {meta.get('stage')!r} workdir, not a policy; give a "
@@ -359,4 +455,5 @@ def load_policy(workdir: str, field: str = "train.init_from") -> tuple[Transform
   params, _ = checkpoint.load_params(workdir)
   if meta.get("stage") in ("ppo", "dpo"):
     params = params["policy"]
-  return TransformerConfig.from_dict(meta["model"]), params, load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+  params = unfold(params, meta)
+  return TransformerConfig.from_dict(meta["model"]), params, load_tokenizer(workdir)

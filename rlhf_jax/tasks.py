@@ -118,6 +118,7 @@ class Family:
   in_corpus: Optional[Callable[[dict], bool]] = None  # None: instructions whose key is in the train split
   labeler_answer: Optional[Callable[[dict, TaskConfig], str]] = None  # None: `answer`
   abstain: Optional[str] = None  # the abstention answer, for fabrication_penalty; None: the family never abstains
+  sep: str = SEP  # what ends its prompts ("" for natural-language questions an instruct model reads as they are)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -333,6 +334,11 @@ def _sample_split(family: Family, rng, cfg: TaskConfig, split: str) -> tuple[str
   return _sample_where(family, rng, cfg, lambda ins, args: _split_of(family, ins, args, cfg) == split)
 
 
+def _prompt(family: Family, rng, cfg: TaskConfig, split: str) -> str:
+  """A prompt of `split`: a sampled instruction and the family's separator."""
+  return _sample_split(family, rng, cfg, split)[0] + family.sep
+
+
 def _statement(rng: np.random.Generator, cfg: TaskConfig, families: list[Family]) -> str:
   """An informal corpus sentence stating one result, wrong with probability cfg.corpus_noise_rate."""
   family = _pick(rng, families)
@@ -365,7 +371,7 @@ def demonstrations(cfg: TaskConfig) -> list[dict]:
     response = family.labeler_answer(args, cfg) if family.labeler_answer else family.answer(args)
     if rng.random() < cfg.demo_error_rate:
       response = _corrupted(family, args, response, rng)
-    records.append({"prompt": instruction + SEP, "response": response})
+    records.append({"prompt": instruction + family.sep, "response": response})
   return records
 
 
@@ -378,12 +384,12 @@ def split_prompts(cfg: TaskConfig, split: str) -> list[str]:
   families = _families(cfg)
   if split != "comparisons":
     rng = _rng(cfg, split)
-    return [_sample_split(_pick(rng, families), rng, cfg, split)[0] + SEP for _ in range(sizes[split])]
+    return [_prompt(_pick(rng, families), rng, cfg, split) for _ in range(sizes[split])]
   rng, found = _rng(cfg, "comparison_prompts"), {}
   for _ in range(20 * sizes[split]):
     if len(found) == sizes[split]:
       break
-    found.setdefault(_sample_split(_pick(rng, families), rng, cfg, "train")[0] + SEP)
+    found.setdefault(_prompt(_pick(rng, families), rng, cfg, "train"))
   return list(found)
 
 # ---------------------------------------------------------------------------------------------- writers
@@ -448,3 +454,4 @@ def generate_all(cfg: TaskConfig, out_dir: str) -> dict[str, str]:
 
 
 from rlhf_jax import knowledge as _knowledge  # noqa: E402,F401  registers FAMILIES[KNOWLEDGE]; it imports this module
+from rlhf_jax import word_problems as _word_problems  # noqa: E402,F401  registers FAMILIES["math"]; it imports this module

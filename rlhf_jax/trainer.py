@@ -46,8 +46,14 @@ def mean_grads(loss_fn: LossFn, params, batch, rng):
   return aux, jax.tree.map(lambda g: g / jnp.maximum(count, 1e-9), grads)
 
 
-def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainState, dict]:
+def _bind(loss_fn, frozen):
+  """The loss with the frozen (never differentiated) params bound: LoRA's base, `loss_fn(params, batch, rng, frozen)`."""
+  return loss_fn if frozen is None else (lambda params, batch, rng: loss_fn(params, batch, rng, frozen))
+
+
+def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: LossFn) -> tuple[TrainState, dict]:
   """One optimizer update on this device's shard (run under `parallel.pmap`); metrics psummed (sum, count)."""
+  loss_fn = _bind(loss_fn, frozen)
   aux, grads = mean_grads(loss_fn, state.params, batch, step_rng(state))
   state = state.apply_gradients(grads=grads)
   sums = parallel.psum(aux)
@@ -55,17 +61,17 @@ def train_step(state: TrainState, batch: dict, loss_fn: LossFn) -> tuple[TrainSt
   return state, sums
 
 
-def eval_step(params, batch: dict, loss_fn: LossFn) -> dict:
+def eval_step(params, batch: dict, frozen=None, *, loss_fn: LossFn) -> dict:
   """Loss metrics on this device's shard with a fixed key, psummed as (sum, count)."""
-  _, aux = loss_fn(params, batch, jax.random.PRNGKey(0))
+  _, aux = _bind(loss_fn, frozen)(params, batch, jax.random.PRNGKey(0))
   return parallel.psum(aux)
 
 
-def evaluate(p_eval: Callable, params_R, batches: Iterable[dict]) -> dict[str, float]:
+def evaluate(p_eval: Callable, params_R, batches: Iterable[dict], frozen_R=None) -> dict[str, float]:
   """Runs a finite pass of eval batches and returns the summarized metrics."""
   total = None
   for batch in batches:
-    sums = jax.device_get(p_eval(params_R, parallel.shard_batch(batch, "eval batch")))
+    sums = jax.device_get(p_eval(params_R, parallel.shard_batch(batch, "eval batch"), frozen_R))
     sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
     total = sums if total is None else jax.tree.map(np.add, total, sums)
   return metrics.summarize(total) if total is not None else {}
@@ -101,11 +107,13 @@ def train_config(num_steps: int = 200) -> ml_collections.ConfigDict:
 def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: LossFn,
                scratch_state: Callable[[], TrainState], train_loader, eval_batches: Callable[[], Iterator[dict]]
                | None = None, init_from_params: Callable[[Any], Any] | None = None, meta: dict | None = None,
-               stage: str = "train") -> tuple[TrainState, dict]:
+               stage: str = "train", frozen: Any = None) -> tuple[TrainState, dict]:
   """Trains `train_cfg.num_steps` steps with eval, checkpoints, auto-resume, metrics; returns (host state, last metrics).
 
   Resume order: checkpoint in `workdir` > `init_from_params(fresh_params)` > `scratch_state()`.
   `train_loader` yields global host batches and has `get_state()`/`set_state()` (saved with each checkpoint).
+  `frozen` (LoRA's base): params every step reads but never trains nor saves; then `loss_fn(params, batch, rng,
+  frozen)`.
   """
   # ---- state: resume > init_from > scratch
   ckpt = checkpoint.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
@@ -127,6 +135,7 @@ def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: L
   p_train = parallel.pmap(functools.partial(train_step, loss_fn=loss_fn), donate_argnums=(0,))
   p_eval = parallel.pmap(functools.partial(eval_step, loss_fn=loss_fn))
   state_R = parallel.replicate(state)
+  frozen_R = parallel.replicate(frozen) if frozen is not None else None
   writer = metrics.MetricWriter(workdir, resume_step=start)
   progress = metrics.Progress(train_cfg.num_steps, start)
   last: dict[str, float] = {}
@@ -145,7 +154,7 @@ def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: L
     if eval_batches is None:
       return
     t0 = time.perf_counter()
-    result = evaluate(p_eval, state_R.params, eval_batches())
+    result = evaluate(p_eval, state_R.params, eval_batches(), frozen_R)
     metrics.check_finite(result, step, f"{stage} eval")
     writer.write(step, result, prefix="eval_")
     logging.info("%s eval step %d: %s (%.1fs)", stage, step, result, time.perf_counter() - t0)
@@ -157,7 +166,7 @@ def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: L
       batch = next(train_loader)
       if step == train_cfg.nan_at_step:
         batch = poison(batch)
-      state_R, sums = p_train(state_R, parallel.shard_batch(batch, "data.batch_size"))
+      state_R, sums = p_train(state_R, parallel.shard_batch(batch, "data.batch_size"), frozen_R)
       if pending is not None:
         finish(*pending)
       pending = (step, sums, count_tokens(batch))

@@ -3,6 +3,7 @@
 The checkpoints and reference logits in testdata/hf/ come from tests/testdata/make_hf_checkpoints.py
 (transformers + torch in a separate virtualenv), so these tests need no torch.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -55,6 +56,21 @@ def test_logits_match_transformers(name):
   assert logits_BxLxV.shape == ref["logits_BxLxV"].shape
   assert np.abs(np.asarray(logits_BxLxV) - ref["logits_BxLxV"]).max() <= 1e-4
   assert ref["logits_BxLxV"].std() > 0.5  # the reference is far from trivial: random weights, not init scale
+
+
+def test_scan_layers_model_from_and_to_an_hf_checkpoint(tmp_path):
+  """An HF checkpoint stacked for scan_layers gives transformers' logits; saving the stacked tree writes the
+  same tensors as the unrolled one."""
+  cfg, params = HF.load_hf_checkpoint(os.path.join(DATA, "llama"))
+  scfg = dataclasses.replace(cfg, scan_layers=True)
+  ref = np.load(os.path.join(DATA, "llama", "reference.npz"))
+  logits_BxLxV, _ = M.Transformer(scfg).apply({"params": M.to_layout(params, scfg)}, jnp.asarray(ref["tokens_BxL"]))
+  assert np.abs(np.asarray(logits_BxLxV) - ref["logits_BxLxV"]).max() <= 1e-4
+  HF.save_hf_checkpoint(scfg, M.stack_layers(params), str(tmp_path / "out"))
+  original, written = _hf_tensors(os.path.join(DATA, "llama")), _hf_tensors(str(tmp_path / "out"))
+  assert sorted(written) == sorted(original)
+  for n, x in original.items():
+    assert np.array_equal(written[n], x), n
 
 
 def test_config_fields():

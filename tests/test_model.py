@@ -1,4 +1,5 @@
 """Transformer: shapes, causality, packing, GQA, KV-cache decode == full forward, config errors."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,7 +125,7 @@ def test_scalar_head():
   cfg = _cfg("gpt2")
   head = M.ScalarHead(cfg)
   h = jnp.ones((2, 5, 32))
-  params = head.init(jax.random.PRNGKey(0), h)["params"]
+  params = nn.unbox(head.init(jax.random.PRNGKey(0), h)["params"])  # boxed with logical axis names
   out = head.apply({"params": params}, h)
   assert out.shape == (2, 5)
   expected = np.ones((2, 5, 32)) @ np.asarray(params["dense"]["kernel"])[:, 0] + np.asarray(params["dense"]["bias"])[0]
@@ -154,28 +155,6 @@ def test_too_long_sequence_and_unknown_field():
     M.TransformerConfig.from_dict(dict(vocab_size=4, n_embd=3))
 
 
-def test_row_blocked_attention_equals_batched_attention():
-  """The CPU path (row by row, query blocks of Q_BLOCK) equals the accelerator path on real (non-pad) queries."""
-  B, L, K, G, E = 2, 150, 2, 2, 8  # L > 2 * Q_BLOCK: three query blocks
-  keys = jax.random.split(jax.random.PRNGKey(11), 3)
-  q = jax.random.normal(keys[0], (B, L, K, G, E))
-  k = jax.random.normal(keys[1], (B, L, K, E))
-  v = jax.random.normal(keys[2], (B, L, K, E))
-  seg = np.ones((B, L), np.int32)
-  seg[0, 70:] = 2  # two packed documents
-  seg[1, 140:] = 0  # padding
-  rows = M.causal_attention(q, k, v, jnp.asarray(seg))
-  batched = M.batched_attention(q, k, v, jnp.asarray(seg))
-  real = seg > 0
-  np.testing.assert_allclose(np.asarray(rows)[real], np.asarray(batched)[real], atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(rows)[~real], 0.0)  # a query with no key gives 0 (and no gradient)
-  # the CPU path's custom VJP (flash backward from the saved log-sum-exp) against autodiff of the batched path
-  grads = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, jnp.asarray(seg))[jnp.asarray(real)] ** 2),
-                             argnums=(0, 1, 2))(q, k, v)
-  for got, want in zip(grads(M.causal_attention), grads(M.batched_attention)):
-    np.testing.assert_allclose(got, want, atol=1e-4)
-
-
 @pytest.mark.parametrize("family", FAMILIES)  # gpt2: tied head; llama: untied lm_head
 def test_logits_slots_equal_the_full_logits_sliced(family):
   cfg = _cfg(family)
@@ -188,27 +167,124 @@ def test_logits_slots_equal_the_full_logits_sliced(family):
   np.testing.assert_array_equal(h_part, h)
 
 
-def test_cpu_row_path_equals_batched_path_in_the_model(monkeypatch):
-  """At L >= ROWS_MIN_LEN the CPU model takes the row path (flash backward); logits and parameter gradients
-  equal those of the batched path (forced by raising ROWS_MIN_LEN) on a packed, padded batch."""
-  cfg = _cfg("llama", max_len=128)
-  params = M.init_params(cfg, jax.random.PRNGKey(5))
-  L = M.ROWS_MIN_LEN + 4
-  tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, L))
+def _packed_batch(cfg, L=12, seed=0):
+  """tokens, positions, segment ids of a packed (row 0: two documents), padded (row 1: 3 pad slots) batch."""
+  tokens = np.random.default_rng(seed).integers(1, cfg.vocab_size, (2, L))
   seg = np.ones((2, L), np.int32)
-  seg[0, 60:] = 2
-  seg[1, L - 10:] = 0
-  pos = np.concatenate([np.arange(60), np.arange(L - 60)])[None].repeat(2, 0)
-  real = jnp.asarray(seg > 0)
+  seg[0, L // 2:] = 2
+  seg[1, L - 3:] = 0
+  pos = np.concatenate([np.arange(L // 2), np.arange(L - L // 2)])[None].repeat(2, 0)
+  return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
+
+
+def _loss_grads(cfg, params, batch):
+  """(logits, gradients) of a masked log-softmax² loss, jitted (the model's whole forward and backward)."""
+  tokens, pos, seg = batch
+  real_BxLx1 = (seg > 0)[..., None]
 
   def loss(p):
-    logits, _ = M.Transformer(cfg).apply({"params": p}, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg))
-    return jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0) ** 2), logits
+    logits, h = M.Transformer(cfg).apply({"params": p}, tokens, pos, seg)
+    return jnp.sum(jnp.where(real_BxLx1, jax.nn.log_softmax(logits), 0.0) ** 2) + jnp.sum(h ** 2), logits
 
-  (rows_loss, rows_logits), rows_grads = jax.value_and_grad(loss, has_aux=True)(params)
-  monkeypatch.setattr(M, "ROWS_MIN_LEN", 10 ** 6)
-  (batched_loss, batched_logits), batched_grads = jax.value_and_grad(loss, has_aux=True)(params)
-  np.testing.assert_allclose(np.asarray(rows_logits)[seg > 0], np.asarray(batched_logits)[seg > 0], atol=1e-5)
-  np.testing.assert_allclose(rows_loss, batched_loss, rtol=1e-5)
-  for got, want in zip(jax.tree.leaves(rows_grads), jax.tree.leaves(batched_grads)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return np.asarray(logits), grads
+
+
+def test_stack_and_unstack_layers_are_inverse_tree_conversions():
+  cfg = _cfg("llama", num_layers=3)
+  params = M.init_params(cfg, jax.random.PRNGKey(0))
+  stacked = M.stack_layers({"backbone": params, "head": {"w": np.ones(2)}})  # nested trees too (a reward model)
+  assert sorted(stacked["backbone"]) == ["embed", "final_norm", "layers", "lm_head"]
+  assert stacked["backbone"]["layers"]["attn"]["q"]["kernel"].shape == (3, 32, 4, 8)
+  back = M.unstack_layers(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure({"backbone": params, "head": {"w": np.ones(2)}})
+  for got, want in zip(jax.tree.leaves(back["backbone"]), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want)
+  assert M.stack_layers(stacked) == stacked and M.to_layout(stacked, cfg)["backbone"].keys() == params.keys()
+  with pytest.raises(ValueError, match="layer_0 .. layer_1"):
+    M.stack_layers({"layer_0": {}, "layer_2": {}})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scan_layers_equal_the_unrolled_model(family):
+  """scan_layers=True with the unrolled params stacked: the scanned init has the stacked tree's structure, and
+  logits, hidden state, logits_slots and gradients (unstacked back) equal the unrolled model's on a packed,
+  padded batch."""
+  cfg, scfg = _cfg(family, num_layers=3), _cfg(family, num_layers=3, scan_layers=True)
+  params = M.init_params(cfg, jax.random.PRNGKey(1))
+  stacked = M.stack_layers(params)
+  assert jax.tree.structure(M.init_params(scfg, jax.random.PRNGKey(1))) == jax.tree.structure(stacked)
+  batch = _packed_batch(cfg)
+  logits, grads = _loss_grads(cfg, params, batch)
+  s_logits, s_grads = _loss_grads(scfg, stacked, batch)
+  np.testing.assert_allclose(s_logits, logits, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(M.unstack_layers(s_grads)), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  part, _ = _apply(scfg, stacked, batch[0], positions_BxL=batch[1], segment_ids_BxL=batch[2], logits_slots=(2, 7))
+  np.testing.assert_allclose(part, logits[:, 2:7], atol=1e-5)
+
+
+def test_scan_layers_decode_and_the_sampler_equal_the_unrolled_model():
+  """The scanned model's cache (stacked per layer) gives the unrolled decode's logits, and sampling.sample (its
+  code unchanged) draws the same tokens and log-probs from the same key."""
+  from rlhf_jax import sampling
+  cfg, scfg = _cfg("llama", num_layers=3), _cfg("llama", num_layers=3, scan_layers=True)
+  params = M.init_params(cfg, jax.random.PRNGKey(2))
+  stacked = M.stack_layers(params)
+  cache = M.init_cache(scfg, 2, 10)
+  assert cache["layers"]["attn"]["key"].shape[0] == 3
+  tokens, pos, seg = _packed_batch(cfg, L=6)
+  pos, seg = jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32).at[1, :2].set(0)
+  outs = [M.Transformer(c).apply({"params": p, "cache": M.init_cache(c, 2, 10)}, tokens, pos, seg, decode=True,
+                                 mutable=["cache"])[0][0] for c, p in ((cfg, params), (scfg, stacked))]
+  np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+  prompts, mask = np.array(tokens), np.array(seg)
+  got = [sampling.sample(p, c, prompts, mask, jax.random.PRNGKey(3), max_new_tokens=4, eos_id=1, pad_id=0)
+         for c, p in ((cfg, params), (scfg, stacked))]
+  np.testing.assert_array_equal(got[1].tokens_BxT, got[0].tokens_BxT)
+  np.testing.assert_allclose(got[1].logprobs_BxT, got[0].logprobs_BxT, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat,scan", [("block", False), ("dots", True)])
+def test_remat_keeps_logits_and_gradients(remat, scan):
+  cfg = _cfg("gpt2", num_layers=2)
+  params = M.init_params(cfg, jax.random.PRNGKey(3))
+  batch = _packed_batch(cfg)
+  logits, grads = _loss_grads(cfg, params, batch)
+  rcfg = _cfg("gpt2", num_layers=2, remat=remat, scan_layers=scan)
+  r_logits, r_grads = _loss_grads(rcfg, M.to_layout(params, rcfg), batch)
+  np.testing.assert_allclose(r_logits, logits, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(M.unstack_layers(r_grads)), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="remat='all'"):
+    _cfg("gpt2", remat="all")
+
+
+def test_bfloat16_training_steps_are_finite_and_lower_the_loss():
+  """bf16 compute and bf16 params (scanned, remat): a finite loss that jitted adamw steps lower (params stay
+  bf16); weight decay skips the stacked norm scales (rank 2 only because of the layers axis)."""
+  from rlhf_jax import losses, optimizer
+  cfg = _cfg("llama", dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat="block")
+  params = M.init_params(cfg, jax.random.PRNGKey(4))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+  tokens, pos, seg = _packed_batch(cfg, L=12)
+  batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=pos[:, :-1], segment_ids=seg[:, :-1],
+               loss_mask=(seg[:, 1:] > 0).astype(jnp.int32))
+  opt = optimizer.default_config(lr=1e-2)
+  opt.warmup_steps = 0
+  tx = optimizer.make_optimizer(opt, 10)
+  mask = jax.tree.leaves(optimizer._decay_mask(params))
+  assert sum(mask) == 9 and len(mask) == 12  # embed, lm_head, 7 stacked kernels; not the 3 norm scales
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(lambda p: losses.lm_loss(p, batch, None, cfg=cfg)[0])(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return loss, jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), opt_state
+
+  opt_state, losses_seen = tx.init(params), []
+  for _ in range(4):
+    loss, params, opt_state = step(params, opt_state)
+    losses_seen.append(float(loss))
+  assert np.all(np.isfinite(losses_seen)) and losses_seen[-1] < losses_seen[0], losses_seen
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ import sentencepiece as spm
 
 import fixtures
 from rlhf_jax import checkpoint, hf_import, metrics, ppo, stages
-from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig, init_params
+from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig, init_params, stack_layers
 from rlhf_jax.tokenizer import load_tokenizer
 
 HF_GPT2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "hf", "gpt2")
@@ -184,8 +185,8 @@ def tok96(pipe, tmp_path_factory):
 def test_init_from_hf_dir_without_tokenizer_is_a_clear_error(pipe, tmp_path):
   cfg = fixtures.sft_cfg(pipe, f"hf:{HF_GPT2}")
   wd = str(tmp_path / "sft")
-  with pytest.raises(ValueError, match=re.escape(f"config train.init_from='hf:{HF_GPT2}' has no tokenizer.model: "
-                                                 "pass --config.tokenizer.path")):
+  with pytest.raises(ValueError, match=re.escape(f"config train.init_from='hf:{HF_GPT2}' has no tokenizer: "
+                                                 "pass --config.tokenizer.path (tokenizer folder")):
     stages.run_lm(cfg, wd, "sft")
   assert not checkpoint.has_checkpoint(wd)
 
@@ -199,6 +200,47 @@ def test_init_from_hf_dir_with_tokenizer_path(pipe, tok96, tmp_path):
   assert init.tokenizer.path == tok96
   fresh = jax.eval_shape(lambda: init_params(init.model, jax.random.PRNGKey(0)))
   _same_tree(stages.checked_params_fn(init, cfg.train.init_from)(fresh), hf_params)
+
+
+QWEN3_SMALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "tokenizers", "qwen3_small")
+
+
+def _hf_dir_with_tokenizer(d, vocab_size):
+  """A tiny llama HF checkpoint (embedding rows = vocab_size) holding the reduced Qwen3 tokenizer files."""
+  cfg = TransformerConfig(vocab_size=vocab_size, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64, num_layers=1,
+                          max_len=64, family="llama", tie_embeddings=True)
+  hf_import.save_hf_checkpoint(cfg, init_params(cfg, jax.random.PRNGKey(0)), str(d))
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copyfile(os.path.join(QWEN3_SMALL, name), os.path.join(d, name))
+  return str(d)
+
+
+def test_init_from_hf_dir_brings_its_tokenizer_and_chat_template(pipe, tmp_path):
+  hf = _hf_dir_with_tokenizer(tmp_path / "hf", 3328)  # 3282 tokens, embeddings padded to a multiple of 64
+  cfg = fixtures.sft_cfg(pipe, f"hf:{hf}", steps=2)
+  cfg.data.seq_len, cfg.data.truncate, cfg.data.chat_template = 64, True, True
+  wd = str(tmp_path / "sft")
+  stages.run_lm(cfg, wd, "sft")
+  assert sorted(os.listdir(os.path.join(wd, "tokenizer"))) == ["tokenizer.json", "tokenizer_config.json"]
+  model, _, tok = stages.load_policy(wd)
+  assert model.vocab_size == 3328 and tok.vocab_size == 3282 and tok.apply_chat  # the next stage keeps the template
+  assert tok.prompt_parts("hi")[1][:1] == [tok.encode("<|im_start|>")[0]]
+  small = _hf_dir_with_tokenizer(tmp_path / "small", 3200)
+  with pytest.raises(ValueError, match=re.escape(f"hf:{small} vocab_size=3200 but tokenizer") + ".*vocab_size=3282"):
+    stages.resolve_init(fixtures.sft_cfg(pipe, f"hf:{small}"), str(tmp_path / "x"), [pipe["demonstrations"]])
+
+
+def test_init_from_an_unrolled_checkpoint_into_a_scan_layers_run(pipe):
+  """cfg.model's runtime fields (scan_layers, remat, attention) apply to an init_from model; the unrolled
+  checkpoint's params arrive stacked, equal to model.stack_layers of them."""
+  cfg = fixtures.sft_cfg(pipe, pipe["pretrain"])
+  cfg.model.scan_layers, cfg.model.remat = True, "block"
+  init = stages.resolve_init(cfg, "/nonexistent-workdir", [pipe["demonstrations"]])
+  source = TransformerConfig.from_dict(checkpoint.load_extra(pipe["pretrain"])["meta"]["model"])
+  assert init.model.scan_layers and init.model.remat == "block" and not source.scan_layers
+  fresh = jax.eval_shape(lambda: init_params(init.model, jax.random.PRNGKey(0)))
+  _same_tree(stages.checked_params_fn(init, cfg.train.init_from)(fresh),
+             stack_layers(checkpoint.load_params(pipe["pretrain"])[0]))
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -1,0 +1,70 @@
+"""LoRA step-time cost: one SFT `trainer.train_step` (lm_loss, AdamW) at the embedded pipeline's model size
+(gpt2 D=128, 3 layers, H=4, F=512, vocab 512, T=64, batch 16), full fine-tuning vs LoRA (adapters merged into the
+kernels inside the step, base frozen), interleaved. Prints LoRA / full wall and CPU time, and the trained and
+optimizer-state sizes.
+
+Command: /work/main/.venv/bin/python -m benchmarks.lora_step [--rank 8] [--targets attn,mlp] [--reps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+
+from benchmarks import common
+
+import jax  # noqa: E402  (after common: threads pinned)
+import numpy as np  # noqa: E402
+
+from rlhf_jax import lora, losses, model, optimizer, parallel, trainer  # noqa: E402
+from benchmarks.pretrain_step import lm_batch  # noqa: E402
+
+
+def step_fn(cfg, params, batch, spec: lora.Spec | None):
+  """step() running one real train_step under parallel.pmap: full params, or adapters on the frozen `params`."""
+  tx = optimizer.make_optimizer(optimizer.default_config(), 1000)
+  loss_fn = functools.partial(losses.lm_loss, cfg=cfg)
+  frozen = None
+  trained = params
+  if spec is not None:
+    trained, frozen = lora.split(params, spec, jax.random.PRNGKey(1))
+    loss_fn = lora.with_base(loss_fn, spec)
+  p_train = parallel.pmap(functools.partial(trainer.train_step, loss_fn=loss_fn), donate_argnums=(0,))
+  holder = {"state": parallel.replicate(trainer.create_state(trained, tx, 0))}
+  frozen_R = parallel.replicate(frozen) if frozen is not None else None
+  sharded = parallel.shard_batch(batch)
+
+  def step():
+    holder["state"], sums = p_train(holder["state"], sharded, frozen_R)
+    jax.block_until_ready(sums)
+
+  return step, holder
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--rank", type=int, default=8)
+  ap.add_argument("--targets", default="attn,mlp")
+  ap.add_argument("--reps", type=int, default=30)
+  args = ap.parse_args()
+  common.header("LoRA vs full fine-tuning: SFT train_step at the pipeline's size")
+  cfg = model.TransformerConfig(vocab_size=512, d_model=128, num_heads=4, num_kv_heads=4, d_ff=512, num_layers=3,
+                                max_len=64)
+  params = model.init_params(cfg, jax.random.PRNGKey(0))
+  batch = lm_batch(cfg, 16, 64)
+  c = lora.config()
+  c.update(rank=args.rank, targets=args.targets)
+  spec = lora.Spec.from_config(c)
+  full, full_h = step_fn(cfg, params, batch, None)
+  low, low_h = step_fn(cfg, params, batch, spec)
+  times, cpu = common.interleaved({"full": full, "lora": low}, args.reps, warmup=3)
+  n_full = lora.param_count(params)
+  n_lora = lora.param_count(parallel.unreplicate(low_h["state"].params))
+  print(f"trained params: full {n_full}, LoRA r={args.rank} {args.targets} {n_lora} ({n_lora / n_full:.3%})")
+  for k in times:
+    print(f"{k}: wall {common.spread(times[k])}, CPU {common.med(cpu[k]):.3f} s")
+  print(f"RATIO LoRA / full step time = {common.med(times['lora']) / common.med(times['full']):.2f} wall, "
+        f"{common.med(cpu['lora']) / common.med(cpu['full']):.2f} CPU; {common.load()}")
+
+
+if __name__ == "__main__":
+  main()
