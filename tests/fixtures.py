@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 
-from rlhf_jax import ppo, stages, tasks
+from rlhf_jax import metrics, ppo, stages, tasks
 
 VOCAB = 320
 TINY_MODEL = dict(d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=1, max_len=64)
@@ -155,3 +156,26 @@ def run_main(stage: str, workdir: str, overrides: dict, cache_dir: str | None = 
   cmd = [sys.executable, "-m", f"experiments.{stage}", f"--config=experiments/configs/{stage}.py",
          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
   return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def close_trees(a, b, atol: float) -> None:
+  """Every leaf of `a` within `atol` of `b`'s (rtol 0); a mismatch names the leaf's path."""
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def assert_update_matches(four: dict, one: dict) -> tuple[dict, dict]:
+  """A 4-device PPO score + update equals the 1-device one (rollout, params, every metric within 1e-5) and moved
+  the params; returns the 1-device (score, update) metrics for further checks."""
+  close_trees(four["rollout"], one["rollout"], 1e-5)
+  close_trees(four["params"], one["params"], 1e-5)
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one["params"]),
+                                                            jax.tree.leaves(one["start"])))
+  assert moved > 1e-3  # the update did something
+  m4, m1 = ppo._host_metrics(four["sums"]), ppo._host_metrics(one["sums"])
+  u4, u1 = metrics.summarize(four["usums"]), metrics.summarize(one["usums"])
+  for k in m1:
+    assert abs(m4[k] - m1[k]) <= 1e-5 * max(1.0, abs(m1[k])), k
+  for k in u1:
+    assert abs(u4[k] - u1[k]) <= 1e-5 * max(1.0, abs(u1[k])), k
+  return m1, u1

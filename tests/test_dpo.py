@@ -102,11 +102,6 @@ def _cfg(pipe, steps=2, **dpo_kw):
   return cfg
 
 
-def _close_trees(a, b, atol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
-
-
 def _rows(workdir):
   return metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
@@ -125,7 +120,7 @@ def test_dpo_main_with_zero_lr_keeps_the_sft_policy(pipe, tmp_path):
   for r in rows:  # precomputed reference vs the step's forward: float32 rounding only
     assert abs(r["train_loss"] - math.log(2)) < 1e-5 and abs(r["train_margin"]) < 1e-5, r
   _, params, _ = stages.load_policy(wd)
-  _close_trees(params, checkpoint.load_params(pipe["sft"])[0], 0.0)
+  fixtures.close_trees(params, checkpoint.load_params(pipe["sft"])[0], 0.0)
   assert checkpoint.load_params(wd)[1]["meta"]["stage"] == "dpo"
   assert os.path.exists(os.path.join(wd, dpo.CACHE_FILE))
 
@@ -146,8 +141,8 @@ def test_on_the_fly_reference_equals_the_precomputed_one(pipe, tmp_path):
   a = dpo.run_dpo(_cfg(pipe), str(tmp_path / "pre"))
   b = dpo.run_dpo(_cfg(pipe, ref_logp="on_the_fly"), str(tmp_path / "fly"))
   pa, pb = (checkpoint.load_params(str(tmp_path / d))[0] for d in ("pre", "fly"))
-  _close_trees(pa["policy"], pb["policy"], 1e-5)
-  _close_trees(pb["ref"], checkpoint.load_params(pipe["sft"])[0], 0.0)  # the reference never moves
+  fixtures.close_trees(pa["policy"], pb["policy"], 1e-5)
+  fixtures.close_trees(pb["ref"], checkpoint.load_params(pipe["sft"])[0], 0.0)  # the reference never moves
   assert abs(a["loss"] - b["loss"]) < 1e-5
 
 
@@ -164,7 +159,7 @@ def test_dpo_resume_is_bit_exact(pipe, tmp_path):
     dpo.run_dpo(cfg(nan_at_step=3), str(tmp_path / "b"))
   dpo.run_dpo(cfg(), str(tmp_path / "b"))
   pa, pb = (checkpoint.load_params(str(tmp_path / d))[0] for d in ("a", "b"))
-  _close_trees(pa, pb, 0.0)
+  fixtures.close_trees(pa, pb, 0.0)
   losses_of = lambda d: [(r["step"], r["train_loss"]) for r in _rows(str(tmp_path / d)) if "train_loss" in r]
   assert [s for s, _ in losses_of("b")] == [1, 2, 3, 4] and losses_of("a") == losses_of("b")
 
@@ -204,7 +199,7 @@ def test_dpo_step_on_four_devices_equals_one_device(pipe, tmp_path):
     return jax.tree.map(lambda x: np.asarray(x[0]), new.params), metrics.summarize(jax.tree.map(lambda x: x[0], sums))
 
   (p4, m4), (p1, m1) = on(jax.local_devices()), on(jax.local_devices()[:1])
-  _close_trees(p4, p1, 1e-6)
+  fixtures.close_trees(p4, p1, 1e-6)
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves({"policy": sft})))
   assert moved > 1e-4
   for k in m1:

@@ -208,7 +208,7 @@ def test_empty_options_derive_todays_methods():
 
 # ------------------------------------------------------------------------------------------- through the update
 
-from test_ppo import CFG, _close_trees, _nets, _samples  # noqa: E402  (the hand-made rollout of test_ppo)
+from test_ppo import CFG, _nets, _samples  # noqa: E402  (the hand-made rollout of test_ppo)
 
 MODELS = ppo.Models(CFG, CFG, CFG)
 SCORES = np.array([1, 3, 2, 2, 0, 5, 4, 1], np.float32)  # groups of 2; the second is all equal
@@ -249,17 +249,7 @@ def _grpo_on_devices(n, hyper, tx):
 def test_grpo_update_on_four_devices_equals_one_device(variant):
   hyper, tx = _grpo_hyper(**GRPO_VARIANTS[variant]), optax.sgd(0.5)
   four, one = _grpo_on_devices(4, hyper, tx), _grpo_on_devices(1, hyper, tx)
-  _close_trees(four["rollout"], one["rollout"], 1e-5)
-  _close_trees(four["params"], one["params"], 1e-5)
-  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one["params"]),
-                                                            jax.tree.leaves(one["start"])))
-  assert moved > 1e-3
-  m4, m1 = ppo._host_metrics(four["sums"]), ppo._host_metrics(one["sums"])
-  u4, u1 = metrics.summarize(four["usums"]), metrics.summarize(one["usums"])
-  for k in m1:
-    assert abs(m4[k] - m1[k]) <= 1e-5 * max(1.0, abs(m1[k])), k
-  for k in u1:
-    assert abs(u4[k] - u1[k]) <= 1e-5 * max(1.0, abs(u1[k])), k
+  m1, u1 = fixtures.assert_update_matches(four, one)
   assert u1["loss_kl"] > 0  # kl_in="loss" (grpo's default): the k3 term is in the loss
   r = one["rollout"]
   if hyper.drop_equal_groups:  # rows 2, 3 (equal scores) leave the loss; one group of four dropped
@@ -344,7 +334,7 @@ def test_grpo_run_resumes_bit_exact(pipe, tmp_path):
   ppo.run(cfg(), str(tmp_path / "b"), reward_fn=reward)
   pa, pb = (checkpoint.load_params(str(tmp_path / d))[0] for d in ("a", "b"))
   assert pa.get("value") is None
-  _close_trees(pa, pb, 0.0)
+  fixtures.close_trees(pa, pb, 0.0)
   keys = ("score", "kl", "loss_kl", "clipfrac_low", "clipfrac_high", "dropped_groups", "policy_loss")
   rows = {d: [{k: r[k] for k in ("step",) + keys} for r in metrics.read_jsonl(str(tmp_path / d / "metrics.jsonl"))]
           for d in ("a", "b")}

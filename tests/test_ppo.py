@@ -112,26 +112,11 @@ def updates():
   return {n: _on_devices(n) for n in (4, 1)}
 
 
-def _close_trees(a, b, atol):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
-
-
 def test_four_device_update_equals_one_device_update_on_the_full_batch(updates):
   four, one = updates[4], updates[1]
   per_device_tokens = np.asarray(RESPONSE_LENS).reshape(4, 2).sum(1)
   assert len(set(per_device_tokens)) > 1  # devices really hold different numbers of response tokens
-  _close_trees(four["rollout"], one["rollout"], 1e-5)  # incl. advantages whitened over all devices
-  _close_trees(four["params"], one["params"], 1e-5)
-  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one["params"]),
-                                                            jax.tree.leaves(one["start"])))
-  assert moved > 1e-3  # the update did something
-  m4, m1 = ppo._host_metrics(four["sums"]), ppo._host_metrics(one["sums"])
-  u4, u1 = metrics.summarize(four["usums"]), metrics.summarize(one["usums"])
-  for k in m1:
-    assert abs(m4[k] - m1[k]) <= 1e-5 * max(1.0, abs(m1[k])), k
-  for k in u1:
-    assert abs(u4[k] - u1[k]) <= 1e-5 * max(1.0, abs(u1[k])), k
+  fixtures.assert_update_matches(four, one)  # incl. advantages whitened over all devices
 
 
 def test_update_losses_are_means_over_all_devices_tokens(updates):
@@ -178,9 +163,9 @@ def test_ptx_coef_changes_the_step_only_by_c_times_the_ptx_lm_gradient(updates):
   # one SGD(lr=1) step each: params_c − params_0 = −c·∇(mean ptx LM loss); the value params never see ptx
   diff = jax.tree.map(lambda a, b: a - b, u["params"].policy, u["params_noptx"].policy)
   expected = jax.tree.map(lambda g: -C_PTX * np.asarray(g), grad)
-  _close_trees(diff, expected, 2e-6)
+  fixtures.close_trees(diff, expected, 2e-6)
   assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(expected)) > 1e-3
-  _close_trees(u["params"].value, u["params_noptx"].value, 0.0)
+  fixtures.close_trees(u["params"].value, u["params_noptx"].value, 0.0)
 
 
 # ------------------------------------------------------------------------------------- toy reward: count of token X
@@ -288,8 +273,8 @@ def test_ppo_main_with_zero_lr_keeps_the_sft_policy_and_resumes(pipe, tmp_path):
   assert checkpoint.Checkpointer(wd, create=False).manager.all_steps() == [1, 2]
   params, extra = checkpoint.load_params(wd)
   assert extra["meta"]["stage"] == "ppo"
-  _close_trees(params["policy"], checkpoint.load_params(pipe["sft"])[0], 0.0)
-  _close_trees(params["value"], checkpoint.load_params(pipe["rm"])[0], 0.0)  # value_init="reward"
+  fixtures.close_trees(params["policy"], checkpoint.load_params(pipe["sft"])[0], 0.0)
+  fixtures.close_trees(params["value"], checkpoint.load_params(pipe["rm"])[0], 0.0)  # value_init="reward"
 
   second = fixtures.run_main("ppo", wd, _ppo_flags(pipe, 3), cache)
   assert second.returncode == 0, second.stderr[-3000:]
