@@ -15,11 +15,7 @@ from benchmarks import common
 import jax  # noqa: E402  (after common: threads pinned)
 import jax.numpy as jnp  # noqa: E402
 
-from rlhf_jax import losses, model, optimizer  # noqa: E402
-
-SMOLLM2_135M = model.TransformerConfig(vocab_size=49152, d_model=576, num_heads=9, num_kv_heads=3, d_ff=1536,
-                                       num_layers=30, max_len=2048, family="llama", tie_embeddings=True,
-                                       rope_theta=100000.0)
+from rlhf_jax import losses, model, optimizer, plan  # noqa: E402
 
 
 def compile_seconds(cfg: model.TransformerConfig, batch: int, seq: int) -> float:
@@ -50,7 +46,7 @@ def main():
   args = ap.parse_args()
   common.header("compile time: unrolled vs scan_layers")
   if args.preset == "smollm2-135m":
-    cfg = dataclasses.replace(SMOLLM2_135M, max_len=max(args.seq, 128))
+    cfg = dataclasses.replace(plan.PRESETS["smollm2-135m"], max_len=max(args.seq, 128))
   else:
     cfg = model.TransformerConfig(vocab_size=8192, d_model=args.d_model, num_heads=4, num_kv_heads=2,
                                   d_ff=4 * args.d_model, num_layers=args.layers, max_len=args.seq, family="llama")
