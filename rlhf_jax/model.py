@@ -144,8 +144,8 @@ class TransformerConfig:
 
 
 # Logical axis names of parameter dimensions (parallel.RULES maps them to mesh axes):
-#   "vocab" V, "embed" D, "heads" H, "kv_heads" K, "head_dim" E (and qk_norm scales), "mlp" F, "positions" the learned position table's
-#   rows, "norm" the D of norm scales/biases, "scalar" the single output of a ScalarHead.
+#   "vocab" V, "embed" D, "heads" H, "kv_heads" K, "head_dim" E (also qk_norm's scales), "mlp" F, "positions" the
+#   learned position table's rows, "norm" the D of norm scales/biases, "scalar" the single output of a ScalarHead.
 _named = nn.with_logical_partitioning
 
 
