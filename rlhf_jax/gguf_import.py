@@ -1,7 +1,7 @@
 """llama.cpp GGUF files (llama, qwen2, qwen3 architectures) -> (TransformerConfig, params). Needs the `gguf` extra.
 
-Hyper-parameters come from the `{arch}.*` metadata keys (qwen2: q/k/v biases; qwen3: q/k norms, key_length); the vocabulary size from `token_embd`'s rows; the head
-is tied when the file has no `output.weight`. Tensors are dequantized to float32 by `gguf.quants.dequantize`
+Hyper-parameters come from the `{arch}.*` metadata keys (qwen2 adds q/k/v biases, qwen3 q/k norms and
+key_length); the vocabulary size from `token_embd`'s rows; the head is tied when the file has no `output.weight`. Tensors are dequantized to float32 by `gguf.quants.dequantize`
 (SUPPORTED_TYPES) and renamed to their Hugging Face names, so hf_import's layout code builds the params.
 
 For llama, llama.cpp's converter permutes the rows of each q and k head from HF's rotate-half layout (pairs
