@@ -62,8 +62,9 @@ def make_qwen3_small(src: str, dest: str, num_merges: int = NUM_MERGES) -> None:
 
 def write_gguf(tokenizer_json: str, path: str, pre: str = "qwen2", bos: str | None = None,
                eos: str = "<|im_end|>", pad: str | None = "<|endoftext|>", add_bos: bool = False,
-               chat_template: str | None = None, model: str = "gpt2") -> None:
-  """A GGUF file with only the tokenizer of `tokenizer_json` (byte-level BPE) in llama.cpp's key layout."""
+               chat_template: str | None = None, model: str = "gpt2", add_model=None) -> None:
+  """A GGUF file with the tokenizer of `tokenizer_json` (byte-level BPE) in llama.cpp's key layout; `add_model(w)`,
+  if given, adds a model's keys and tensors to the GGUFWriter `w` (tokenizer only otherwise)."""
   import gguf
   with open(tokenizer_json, encoding="utf-8") as f:
     tok = json.load(f)
@@ -89,6 +90,8 @@ def write_gguf(tokenizer_json: str, path: str, pre: str = "qwen2", bos: str | No
   w.add_add_bos_token(add_bos)
   if chat_template:
     w.add_chat_template(chat_template)
+  if add_model is not None:
+    add_model(w)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
