@@ -19,7 +19,7 @@ import dataclasses
 
 import ml_collections
 
-from rlhf_jax import lora, optimizer, rl, trainer
+from rlhf_jax import lora, optimizer, parallel, rl, trainer
 
 ADVANTAGES = ("gae", "rloo", "grpo")
 KL_IN = ("reward", "loss")
@@ -123,8 +123,8 @@ def ppo_config() -> ml_collections.ConfigDict:
   p.lam = 0.95  # GAE λ
   p.whiten_advantages = True  # normalise gae/rloo advantages over the rollout batch (grpo: scale_rewards)
   p.ppo_epochs = 2  # passes over each rollout batch
-  p.minibatches = 2  # minibatches per epoch (per device rows must divide)
-  p.rollout_batch = 32  # responses per iteration (global; divisible by devices × minibatches)
+  p.minibatches = 2  # minibatches per epoch (rows per batch shard must divide)
+  p.rollout_batch = 32  # responses per iteration (global; divisible by mesh.data × mesh.fsdp × minibatches)
   p.group_size = 1  # responses per prompt (rloo / grpo: the group compared; >= 2)
   p.temperature = 1.0  # rollout sampling temperature
   p.top_k = 0  # rollout top-k (0 = off)
@@ -155,4 +155,5 @@ def config() -> ml_collections.ConfigDict:
   cfg.lora = lora.config()  # rank > 0: policy and value train adapters on the frozen SFT / RM weights
   cfg.train.log_every = 1
   cfg.train.checkpoint_every = 25
+  cfg.mesh = parallel.mesh_config()
   return cfg
