@@ -1,11 +1,12 @@
-"""llama.cpp GGUF files (llama architecture) -> (TransformerConfig, params). Needs the optional `gguf` extra.
+"""llama.cpp GGUF files (llama, qwen2, qwen3 architectures) -> (TransformerConfig, params). Needs the `gguf` extra.
 
-Hyper-parameters come from the `llama.*` metadata keys; the vocabulary size from `token_embd`'s rows; the head
-is tied when the file has no `output.weight`. Tensors are dequantized to float32 by `gguf.quants.dequantize`
+Hyper-parameters come from the `{arch}.*` metadata keys (qwen2 adds q/k/v biases, qwen3 q/k norms and
+key_length); the vocabulary size from `token_embd`'s rows; the head is tied when the file has no `output.weight`. Tensors are dequantized to float32 by `gguf.quants.dequantize`
 (SUPPORTED_TYPES) and renamed to their Hugging Face names, so hf_import's layout code builds the params.
 
-llama.cpp's converter permutes the rows of each q and k head from HF's rotate-half layout (pairs (i, i + E/2))
-to interleaved pairs (2i, 2i + 1) for its GPT-J-style RoPE; `_unpermute` undoes it so `model.rope` applies.
+For llama, llama.cpp's converter permutes the rows of each q and k head from HF's rotate-half layout (pairs
+(i, i + E/2)) to interleaved pairs (2i, 2i + 1) for its GPT-J-style RoPE; `_unpermute` undoes it so `model.rope`
+applies. qwen2 and qwen3 keep HF's layout (llama.cpp's NEOX RoPE is rotate-half).
 GGUF stores shapes innermost first (ne = [in, out]); the tensor arrays are row-major [out, in], like nn.Linear.
 """
 from __future__ import annotations
@@ -18,13 +19,14 @@ import numpy as np
 from rlhf_jax import hf_import
 from rlhf_jax.model import TransformerConfig
 
-ARCHITECTURES = ("llama",)
+ARCHITECTURES = ("llama", "qwen2", "qwen3")  # == the TransformerConfig family
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
 _BLOCK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+          "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm",
           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
@@ -37,12 +39,12 @@ def _gguf():
 
 
 def hf_name(gguf_name: str) -> str | None:
-  """The Hugging Face LLaMA tensor name of a GGUF llama tensor name (None when it has none)."""
+  """The Hugging Face tensor name of a GGUF llama/qwen2/qwen3 tensor name (None when it has none)."""
   if gguf_name in _TOP:
     return _TOP[gguf_name]
   parts = gguf_name.split(".")
-  if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK and parts[3] == "weight":
-    return f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}.weight"
+  if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK and parts[3] in ("weight", "bias"):
+    return f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}.{parts[3]}"
   return None
 
 
@@ -86,7 +88,7 @@ def _rope(meta: _Meta, a: str) -> dict[str, Any]:
 
 
 def config_from_gguf(reader, path: str, param_dtype: str = "float32", dtype: str = "float32") -> TransformerConfig:
-  """TransformerConfig from a GGUF reader's llama.* metadata and tensor list."""
+  """TransformerConfig from a GGUF reader's {arch}.* metadata and tensor list."""
   meta = _Meta(reader, path)
   arch = meta.get("general.architecture", kind=str)
   if arch not in ARCHITECTURES:
@@ -108,8 +110,8 @@ def config_from_gguf(reader, path: str, param_dtype: str = "float32", dtype: str
     raise ValueError(f"{path}: metadata {arch}.vocab_size={meta.get(f'{arch}.vocab_size')} != token_embd rows {V}")
   fields = dict(vocab_size=V, d_model=D, num_heads=H, num_kv_heads=meta.get(f"{arch}.attention.head_count_kv", H),
                 d_ff=meta.get(f"{arch}.feed_forward_length"), num_layers=meta.get(f"{arch}.block_count"),
-                max_len=meta.get(f"{arch}.context_length"), family="llama",
-                tie_embeddings="output.weight" not in tensors,
+                max_len=meta.get(f"{arch}.context_length"), family=arch, tie_embeddings="output.weight" not in tensors,
+                qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
                 norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", kind=float), **_rope(meta, arch))
   if E * H != D:
     fields["explicit_head_dim"] = E
@@ -140,7 +142,7 @@ def _open(gguf, path: str):
 
 def load_gguf_checkpoint(path: str, param_dtype: str = "float32",
                          dtype: str = "float32") -> tuple[TransformerConfig, dict]:
-  """Reads a llama-architecture .gguf file into (TransformerConfig, params), dequantized and un-permuted."""
+  """Reads a llama/qwen2/qwen3 .gguf file into (TransformerConfig, params), dequantized (llama: un-permuted)."""
   gguf = _gguf()
   reader = _open(gguf, path)
   cfg = config_from_gguf(reader, path, param_dtype, dtype)
@@ -149,7 +151,7 @@ def load_gguf_checkpoint(path: str, param_dtype: str = "float32",
     name = hf_name(t.name)
     if name is None:
       raise ValueError(f"{path}: unexpected tensor {t.name!r} (type {t.tensor_type.name}, shape "
-                       f"{[int(n) for n in t.shape]}) not supported for general.architecture='llama'")
+                       f"{[int(n) for n in t.shape]}) not supported for general.architecture={cfg.family!r}")
     by_hf[name] = t
   used = set()
 
@@ -161,7 +163,7 @@ def load_gguf_checkpoint(path: str, param_dtype: str = "float32",
       raise ValueError(f"{path}: tensor {by_hf[name].name!r} has shape {x.shape}; expected {shape} from the "
                        f"metadata")
     used.add(name)
-    if name.endswith(("q_proj.weight", "k_proj.weight")):
+    if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
       x = _unpermute(x, cfg.num_heads if name.endswith("q_proj.weight") else cfg.num_kv_heads)
     return x
 

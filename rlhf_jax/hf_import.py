@@ -1,12 +1,14 @@
-"""Hugging Face safetensors checkpoints (GPT2LMHeadModel, LlamaForCausalLM) <-> (TransformerConfig, params).
+"""Hugging Face safetensors checkpoints <-> (TransformerConfig, params): GPT2LMHeadModel, LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (config.json fields: hf_config.py).
 
 No torch: tensors are read with `safetensors.safe_open(framework="np")`; bfloat16 arrives as an ml_dtypes
 array (importing ml_dtypes registers the dtype with NumPy). A directory holds `config.json` and either
 `model.safetensors` or `model.safetensors.index.json` plus the shards it names.
 
 Layouts: GPT-2's Conv1D stores weights [in, out] and fuses q, k, v into `c_attn` [D, 3D]; LLaMA's nn.Linear
-stores [out, in]. Heads are the major factor of every H*E axis in both, matching our (D,H,E) / (H,E,D)
-DenseGeneral kernels. HF LLaMA q/k weights are already in the rotate-half layout that `model.rope` uses.
+stores [out, in] (so do Mistral and Qwen, which add q/k/v biases [H*E] and per-head q/k norm scales [E]).
+Heads are the major factor of every H*E axis, matching our (D,H,E) / (H,E,D) DenseGeneral kernels. HF LLaMA-like
+q/k weights are already in the rotate-half layout that `model.rope` uses.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any
 
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers "bfloat16" with NumPy so safe_open can return BF16 tensors)
@@ -23,15 +24,14 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from rlhf_jax.hf_config import ARCHITECTURES, CONFIG_FILE, config_from_hf, hf_config  # noqa: F401 (re-exported)
 from rlhf_jax.model import TransformerConfig, unstack_layers
 
-ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
-CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
-_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all are the tanh approximation of GELU
+WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _IGNORED = {  # buffers some checkpoints carry that are not parameters
     "gpt2": re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$"),
-    "llama": re.compile(r"\.rotary_emb\.inv_freq$"),
+    "llama": re.compile(r"\.rotary_emb\.inv_freq$"),  # and every LLaMA-like family
 }
 
 
@@ -79,8 +79,20 @@ def _gpt2_specs(cfg: TransformerConfig, prefix: str) -> list[_Spec]:
   return specs
 
 
+def _attention_extras(cfg: TransformerConfig, hf: str, us: str) -> list[_Spec]:
+  """Qwen2's q/k/v biases and Qwen3's per-head q/k norm scales, when cfg has them."""
+  H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  specs = []
+  if cfg.qkv_bias:
+    specs += [_one(f"{hf}self_attn.{n}_proj.bias", (N * E,), f"{us}attn/{n}/bias", (N, E))
+              for n, N in (("q", H), ("k", K), ("v", K))]
+  if cfg.qk_norm:
+    specs += [_one(f"{hf}self_attn.{n}_norm.weight", (E,), f"{us}attn/{n}_norm/scale", (E,)) for n in "qk"]
+  return specs
+
+
 def _llama_specs(cfg: TransformerConfig) -> list[_Spec]:
-  """LlamaForCausalLM tensor names (nn.Linear weights [out, in]) and our matching leaves."""
+  """LLaMA-like tensor names (nn.Linear weights [out, in]) and our matching leaves."""
   V, D, H, K, E, F = cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
   specs = [_one("model.embed_tokens.weight", (V, D), "embed/embedding", (V, D))]
   for i in range(cfg.num_layers):
@@ -95,7 +107,7 @@ def _llama_specs(cfg: TransformerConfig) -> list[_Spec]:
         _one(f"{hf}mlp.gate_proj.weight", (F, D), f"{us}mlp/gate/kernel", (D, F), transpose=True),
         _one(f"{hf}mlp.up_proj.weight", (F, D), f"{us}mlp/up/kernel", (D, F), transpose=True),
         _one(f"{hf}mlp.down_proj.weight", (D, F), f"{us}mlp/down/kernel", (F, D), transpose=True),
-    ]
+    ] + _attention_extras(cfg, hf, us)
   specs.append(_one("model.norm.weight", (D,), "final_norm/scale", (D,)))
   if not cfg.tie_embeddings:
     specs.append(_one("lm_head.weight", (V, D), "lm_head/kernel", (D, V), transpose=True))
@@ -115,97 +127,6 @@ def _to_hf(spec: _Spec, leaves: list[np.ndarray]) -> np.ndarray:
   part = base[:-1] + (base[-1] // len(leaves),)
   x = np.concatenate([leaf.reshape(part) for leaf in leaves], axis=-1)
   return np.ascontiguousarray(x.T if spec.transpose else x)
-
-
-def _field(hf: dict, name: str, path: str, default: Any = KeyError) -> Any:
-  if name in hf and hf[name] is not None:
-    return hf[name]
-  if default is KeyError:
-    raise ValueError(f"{path}: missing field {name!r}")
-  return default
-
-
-def _require(hf: dict, path: str, name: str, allowed: tuple, default: Any) -> None:
-  """Raises unless config field `name` (HF default `default`) is one of the values we implement."""
-  value = hf.get(name, default)
-  if value not in allowed:
-    raise ValueError(f"{path}: {name}={value!r} is not supported (supported: {list(allowed)})")
-
-
-def _gpt2_config(hf: dict, path: str) -> dict[str, Any]:
-  """TransformerConfig fields from a GPT2Config mapping; rejects options our model does not implement."""
-  _require(hf, path, "activation_function", _GPT2_ACTIVATIONS, "gelu_new")
-  _require(hf, path, "scale_attn_weights", (True,), True)
-  _require(hf, path, "scale_attn_by_inverse_layer_idx", (False,), False)
-  _require(hf, path, "add_cross_attention", (False,), False)
-  D, H = _field(hf, "n_embd", path), _field(hf, "n_head", path)
-  return dict(vocab_size=_field(hf, "vocab_size", path), d_model=D, num_heads=H, num_kv_heads=H,
-              d_ff=_field(hf, "n_inner", path, 4 * D), num_layers=_field(hf, "n_layer", path),
-              max_len=_field(hf, "n_positions", path), family="gpt2",
-              tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-              norm_eps=float(_field(hf, "layer_norm_epsilon", path, 1e-5)))
-
-
-def _llama_rope_theta(hf: dict, path: str) -> float:
-  """rope_theta from `rope_parameters` (transformers 5) or top level; only the default RoPE is implemented."""
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    raise ValueError(f"{path}: RoPE scaling rope_type={rope_type!r} ({rope}) is not supported (only 'default')")
-  factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-  if factor not in (None, 1, 1.0):
-    raise ValueError(f"{path}: partial_rotary_factor={factor} is not supported (only 1.0)")
-  return float(rope.get("rope_theta", _field(hf, "rope_theta", path, 10000.0)))
-
-
-def _llama_config(hf: dict, path: str) -> dict[str, Any]:
-  """TransformerConfig fields from a LlamaConfig mapping; rejects options our model does not implement."""
-  _require(hf, path, "hidden_act", ("silu",), "silu")
-  _require(hf, path, "attention_bias", (False,), False)
-  _require(hf, path, "mlp_bias", (False,), False)
-  D, H = _field(hf, "hidden_size", path), _field(hf, "num_attention_heads", path)
-  head_dim = hf.get("head_dim")
-  if head_dim is not None and head_dim * H != D:
-    raise ValueError(f"{path}: head_dim={head_dim} * num_attention_heads={H} != hidden_size={D}; not supported")
-  return dict(vocab_size=_field(hf, "vocab_size", path), d_model=D, num_heads=H,
-              num_kv_heads=_field(hf, "num_key_value_heads", path, H),
-              d_ff=_field(hf, "intermediate_size", path), num_layers=_field(hf, "num_hidden_layers", path),
-              max_len=_field(hf, "max_position_embeddings", path), family="llama",
-              tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-              norm_eps=float(_field(hf, "rms_norm_eps", path, 1e-6)), rope_theta=_llama_rope_theta(hf, path))
-
-
-def config_from_hf(hf: dict, path: str = CONFIG_FILE, param_dtype: str = "float32",
-                   dtype: str = "float32") -> TransformerConfig:
-  """TransformerConfig from a Hugging Face config.json mapping (GPT2LMHeadModel or LlamaForCausalLM)."""
-  archs = hf.get("architectures") or []
-  family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-  if family is None:
-    raise ValueError(f"{path}: architectures={archs} not supported; expected one of {list(ARCHITECTURES)}")
-  fields = _gpt2_config(hf, path) if family == "gpt2" else _llama_config(hf, path)
-  try:
-    return TransformerConfig(**fields, param_dtype=param_dtype, dtype=dtype)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{path}: {e}") from e
-
-
-def hf_config(cfg: TransformerConfig) -> dict[str, Any]:
-  """Hugging Face config.json mapping for `cfg` (readable by transformers 4.x and 5.x)."""
-  common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype=cfg.param_dtype,
-                torch_dtype=cfg.param_dtype, bos_token_id=None, eos_token_id=None)  # ids belong to the tokenizer
-  if cfg.family == "gpt2":
-    if cfg.num_kv_heads != cfg.num_heads:
-      raise ValueError(f"GPT-2 has no grouped-query attention: num_kv_heads={cfg.num_kv_heads} != "
-                       f"num_heads={cfg.num_heads}")
-    return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=cfg.d_model, n_head=cfg.num_heads,
-                n_layer=cfg.num_layers, n_positions=cfg.max_len, n_inner=cfg.d_ff, layer_norm_epsilon=cfg.norm_eps,
-                activation_function="gelu_new", scale_attn_weights=True, **common)
-  return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=cfg.d_model,
-              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-              intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers, max_position_embeddings=cfg.max_len,
-              rms_norm_eps=cfg.norm_eps, hidden_act="silu", attention_bias=False, mlp_bias=False,
-              rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-              **common)
 
 
 def _read_json(path: str) -> dict:
@@ -272,7 +193,7 @@ class _Reader:
 
 def _specs(cfg: TransformerConfig, names=()) -> list[_Spec]:
   """Tensor specs for cfg's family; GPT-2 names take the `transformer.` prefix unless `names` lack it."""
-  if cfg.family == "llama":
+  if cfg.family != "gpt2":
     return _llama_specs(cfg)
   bare = "wte.weight" in names and "transformer.wte.weight" not in names  # original OpenAI-GPT-2 uploads
   return _gpt2_specs(cfg, "" if bare else "transformer.")
@@ -292,7 +213,7 @@ def params_from_hf(cfg: TransformerConfig, get, names=()) -> dict:
 
 def load_hf_checkpoint(directory: str, param_dtype: str = "float32",
                        dtype: str = "float32") -> tuple[TransformerConfig, dict]:
-  """Reads a GPT2LMHeadModel / LlamaForCausalLM safetensors directory into (TransformerConfig, params)."""
+  """Reads a safetensors directory of one of ARCHITECTURES into (TransformerConfig, params)."""
   if not os.path.isdir(directory):
     raise ValueError(f"{directory}: not a directory")
   config_path = os.path.join(directory, CONFIG_FILE)
@@ -301,7 +222,7 @@ def load_hf_checkpoint(directory: str, param_dtype: str = "float32",
   with contextlib.ExitStack() as stack:
     reader = _Reader(weight_map, stack)
     params = params_from_hf(cfg, lambda name, shape: reader.get(name, shape, config_path), weight_map)
-    ignored = _IGNORED[cfg.family]
+    ignored = _IGNORED["gpt2" if cfg.family == "gpt2" else "llama"]
     if cfg.tie_embeddings:  # a tied checkpoint may still store the head; like transformers, use the embedding
       ignored = re.compile(f"{ignored.pattern}|^lm_head\\.weight$")
     reader.check_all_used(ignored, config_path)

@@ -1,9 +1,9 @@
-"""Decoder-only Transformer (GPT-2 and LLaMA families) with a KV-cache decode path.
+"""Decoder-only Transformer (GPT-2 and LLaMA-like families: LLaMA, Mistral, Qwen2, Qwen3) with a KV-cache decode path.
 
 Dimension letters used in names throughout the package:
   B batch, L sequence (query) length, S key length (cache slots), T response/rollout length,
   P prompt length, V vocab, D model width, H query heads, K key/value heads (K divides H),
-  G query heads per kv head (H // K), E head dim (D // H), F MLP hidden width.
+  G query heads per kv head (H // K), E head dim (D // H unless explicit_head_dim), F MLP hidden width.
 
 `Transformer(cfg).apply({"params": p}, tokens_BxL)` returns `(logits_BxLxV, h_BxLxD)` where `h` is the
 final-normed hidden state (what `ScalarHead` reads for reward and value). Packed sequences pass
@@ -16,6 +16,11 @@ Large-model options (TransformerConfig): `scan_layers` runs the blocks as one nn
 under "layers" with a leading num_layers axis; `stack_layers` / `unstack_layers` / `to_layout` convert trees
 between the two layouts), `remat` recomputes each block in the backward (REMAT_POLICIES), `attention` picks the
 full-sequence attention implementation (ATTENTION; kernels in attention.py).
+
+LLaMA-like families ("llama", "mistral", "qwen2", "qwen3") share one block (RMSNorm, RoPE, SwiGLU, GQA); the name
+picks the Hugging Face architecture hf_import writes. What differs is in fields: `qkv_bias` (Qwen2), `qk_norm`
+(Qwen3: RMSNorm over each q and k head before RoPE, so the cache holds normed keys), `explicit_head_dim`
+(E != D // H), `rope_scaling` (linear or llama3 frequencies, rope.py).
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import attention as kernels
+from rlhf_jax.rope import ROPE_SCALINGS, inv_frequencies, rope  # noqa: F401 (re-exported: model.rope)
 from rlhf_jax.attention import (  # noqa: F401 (re-exported: model.causal_attention etc.)
     Q_BLOCK, ROWS_MIN_LEN, attend_cache, attention_mask, batched_attention, causal_attention, full_attention,
     fused_attention)
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")  # all but gpt2: the LLaMA block
 # Backward recompute per block: "block" keeps only the block's input, "dots" also every matmul output without a
 # batch dimension (the projections; attention scores and the elementwise ops are recomputed).
 REMAT_POLICIES = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
@@ -55,7 +61,7 @@ class TransformerConfig:
   d_ff: int  # F
   num_layers: int  # number of Transformer blocks
   max_len: int  # longest sequence (positions table / RoPE range)
-  family: str = "gpt2"  # "gpt2": LayerNorm, learned positions, GELU-tanh, biases; "llama": RMSNorm, RoPE, SwiGLU
+  family: str = "gpt2"  # "gpt2": LayerNorm, learned positions, GELU-tanh, biases; others: RMSNorm, RoPE, SwiGLU
   tie_embeddings: bool = True  # output projection shares the token embedding
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0  # llama only
@@ -64,6 +70,15 @@ class TransformerConfig:
   scan_layers: bool = False  # blocks as one nn.scan: params stacked under "layers" (leading axis num_layers)
   remat: str = "none"  # backward recompute of each block: none | block (save nothing) | dots (save matmuls)
   attention: str = "auto"  # full-sequence attention: auto | xla | cudnn | rows | batched (see ATTENTION)
+  # LLaMA-like families only (the defaults leave a model unchanged):
+  qkv_bias: bool = False  # biases on q, k, v (Qwen2); o has none
+  qk_norm: bool = False  # RMSNorm (eps norm_eps) over each q and k head before RoPE (Qwen3)
+  explicit_head_dim: int | None = None  # E when it is not D // H (Qwen3, Mistral-Nemo); None: D // H
+  rope_scaling: str = "none"  # none | linear | llama3 (ROPE_SCALINGS; equations in rope.py)
+  rope_factor: float = 1.0  # linear and llama3: how much longer the context is than the original
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_original_max_len: int = 8192  # llama3: original_max_position_embeddings
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -71,7 +86,7 @@ class TransformerConfig:
     for field in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "d_ff", "num_layers", "max_len"):
       if getattr(self, field) <= 0:
         raise ValueError(f"TransformerConfig.{field}={getattr(self, field)} must be positive")
-    if self.d_model % self.num_heads:
+    if self.explicit_head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"TransformerConfig.d_model={self.d_model} not divisible by num_heads={self.num_heads}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"TransformerConfig.num_heads={self.num_heads} not divisible by "
@@ -79,13 +94,32 @@ class TransformerConfig:
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in _DTYPES:
         raise ValueError(f"TransformerConfig.{field}={getattr(self, field)!r}; expected one of {list(_DTYPES)}")
-    for field, allowed in (("remat", tuple(REMAT_POLICIES)), ("attention", ATTENTION)):
+    for field, allowed in (("remat", tuple(REMAT_POLICIES)), ("attention", ATTENTION),
+                           ("rope_scaling", ROPE_SCALINGS)):
       if getattr(self, field) not in allowed:
         raise ValueError(f"TransformerConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
+    self._check_llama_like()
+
+  def _check_llama_like(self):
+    """The LLaMA-like fields: off for gpt2, consistent otherwise."""
+    changed = {f: getattr(self, f) for f, off in (("qkv_bias", False), ("qk_norm", False),
+                                                   ("explicit_head_dim", None), ("rope_scaling", "none"))
+               if getattr(self, f) != off}
+    if self.family == "gpt2" and changed:
+      raise ValueError(f"TransformerConfig {changed} needs a LLaMA-like family {FAMILIES[1:]}; family='gpt2'")
+    if self.explicit_head_dim is not None and self.explicit_head_dim <= 0:
+      raise ValueError(f"TransformerConfig.explicit_head_dim={self.explicit_head_dim} must be positive or None")
+    if self.family != "gpt2" and self.head_dim % 2:
+      raise ValueError(f"TransformerConfig head_dim={self.head_dim} must be even for RoPE")
+    if self.rope_scaling != "none" and self.rope_factor <= 0:
+      raise ValueError(f"TransformerConfig.rope_factor={self.rope_factor} must be positive")
+    if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+      raise ValueError(f"TransformerConfig.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and "
+                       f"below rope_high_freq_factor={self.rope_high_freq_factor}")
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    return self.explicit_head_dim or self.d_model // self.num_heads
 
   @property
   def use_bias(self) -> bool:
@@ -110,8 +144,8 @@ class TransformerConfig:
 
 
 # Logical axis names of parameter dimensions (parallel.RULES maps them to mesh axes):
-#   "vocab" V, "embed" D, "heads" H, "kv_heads" K, "head_dim" E, "mlp" F, "positions" the learned position table's
-#   rows, "norm" the D of norm scales/biases, "scalar" the single output of a ScalarHead.
+#   "vocab" V, "embed" D, "heads" H, "kv_heads" K, "head_dim" E (also qk_norm's scales), "mlp" F, "positions" the
+#   learned position table's rows, "norm" the D of norm scales/biases, "scalar" the single output of a ScalarHead.
 _named = nn.with_logical_partitioning
 
 
@@ -127,21 +161,21 @@ def _dense(cfg: TransformerConfig, features, name: str, in_axes: tuple, out_axes
 def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
   kw = dict(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
             scale_init=_named(nn.initializers.ones_init(), ("norm",)), name=name)
-  if cfg.family == "llama":
+  if cfg.family != "gpt2":
     return nn.RMSNorm(**kw)
   return nn.LayerNorm(bias_init=_named(nn.initializers.zeros_init(), ("norm",)), **kw)
 
 
-def rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, HF LLaMA convention (rotate halves): x·cos(pθ) + rotate_half(x)·sin(pθ)."""
-  half = x_BxLxNxE.shape[-1] // 2
-  inv_freq_E2 = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angles_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_E2
-  cos = jnp.cos(angles_BxLxE2)[:, :, None, :]
-  sin = jnp.sin(angles_BxLxE2)[:, :, None, :]
-  x1, x2 = x_BxLxNxE[..., :half].astype(jnp.float32), x_BxLxNxE[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxNxE.dtype)
+def _head_norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  """RMSNorm over the E of every head (qk_norm), its scale named ("head_dim",)."""
+  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                    scale_init=_named(nn.initializers.ones_init(), ("head_dim",)), name=name)
+
+
+def rope_frequencies(cfg: TransformerConfig) -> jax.Array:
+  """The E2 RoPE frequencies of cfg (rope_theta, rope_scaling and its factors)."""
+  return inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
+                         cfg.rope_high_freq_factor, cfg.rope_original_max_len)
 
 
 def attention_path(cfg: TransformerConfig, L: int) -> str:
@@ -166,12 +200,17 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, decode: bool):
     cfg = self.cfg
     H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q_BxLxHxE = _dense(cfg, (H, E), "q", ("embed",), ("heads", "head_dim"))(x_BxLxD)
-    k_BxLxKxE = _dense(cfg, (K, E), "k", ("embed",), ("kv_heads", "head_dim"))(x_BxLxD)
-    v_BxLxKxE = _dense(cfg, (K, E), "v", ("embed",), ("kv_heads", "head_dim"))(x_BxLxD)
-    if cfg.family == "llama":
-      q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta)
-      k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta)
+    bias = cfg.use_bias or cfg.qkv_bias
+    q_BxLxHxE = _dense(cfg, (H, E), "q", ("embed",), ("heads", "head_dim"), use_bias=bias)(x_BxLxD)
+    k_BxLxKxE = _dense(cfg, (K, E), "k", ("embed",), ("kv_heads", "head_dim"), use_bias=bias)(x_BxLxD)
+    v_BxLxKxE = _dense(cfg, (K, E), "v", ("embed",), ("kv_heads", "head_dim"), use_bias=bias)(x_BxLxD)
+    if cfg.qk_norm:
+      q_BxLxHxE = _head_norm(cfg, "q_norm")(q_BxLxHxE)
+      k_BxLxKxE = _head_norm(cfg, "k_norm")(k_BxLxKxE)
+    if cfg.family != "gpt2":
+      inv_freq_E2 = rope_frequencies(cfg)
+      q_BxLxHxE = rope(q_BxLxHxE, positions_BxL, cfg.rope_theta, inv_freq_E2)
+      k_BxLxKxE = rope(k_BxLxKxE, positions_BxL, cfg.rope_theta, inv_freq_E2)
     B, L = x_BxLxD.shape[:2]
     q_idx_L = jnp.arange(L)
     q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
@@ -205,13 +244,13 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """GELU-tanh MLP (gpt2) or SwiGLU (llama)."""
+  """GELU-tanh MLP (gpt2) or SwiGLU (LLaMA-like)."""
   cfg: TransformerConfig
 
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
-    if cfg.family == "llama":
+    if cfg.family != "gpt2":
       gate_BxLxF = _dense(cfg, cfg.d_ff, "gate", ("embed",), ("mlp",))(x_BxLxD)
       up_BxLxF = _dense(cfg, cfg.d_ff, "up", ("embed",), ("mlp",))(x_BxLxD)
       return _dense(cfg, cfg.d_model, "down", ("mlp",), ("embed",))(nn.silu(gate_BxLxF) * up_BxLxF)

@@ -227,14 +227,14 @@ def test_gpt2_without_transformer_prefix_and_with_mask_buffers(tmp_path):
     ("gpt2", dict(add_cross_attention=True), "add_cross_attention=True"),
     ("gpt2", dict(n_embd=_DELETE), "missing field 'n_embd'"),
     ("gpt2", dict(n_head=5), "not divisible by num_heads=5"),
-    ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
-     "rope_type='linear'"),
+    ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 500.0}),
+     "rope_type='yarn'"),
     ("llama", dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type='dynamic'"),
     ("llama", dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
     ("llama", dict(attention_bias=True), "attention_bias=True is not supported"),
     ("llama", dict(mlp_bias=True), "mlp_bias=True is not supported"),
     ("llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    ("llama", dict(head_dim=16), "head_dim=16"),
+    ("llama", dict(head_dim=16), r"q_proj\.weight' has shape \(32, 32\); expected \(64, 32\)"),  # head_dim read
 ])
 def test_unsupported_config_raises(name, changes, match, tmp_path):
   d = _copy(name, tmp_path)
