@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,73 +32,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
 
 from rlhf_jax import advantages, checkpoint, data, lora, losses, metrics, optimizer, parallel, rl, sampling, trainer
-from rlhf_jax import model as model_lib
 from rlhf_jax.advantages import global_whiten, group_baselined  # noqa: F401  (re-exported)
 from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig
 from rlhf_jax.ppo_config import Hyper, config, ppo_config  # noqa: F401  (re-exported: ppo.Hyper, ppo.config, ...)
-
-
-@struct.dataclass
-class Trainable:
-  """The trained parameter groups: policy (Transformer) and value ({"backbone", "head"}; None for RLOO)."""
-  policy: Any
-  value: Any
-
-
-@struct.dataclass
-class Frozen:
-  """The frozen parameter groups: reference policy (SFT) and reward model ({"backbone", "head"})."""
-  ref: Any
-  reward: Any
-
-
-@struct.dataclass
-class PPOState:
-  """Everything the update changes: iteration counter, trainable params, optimizer state, base RNG."""
-  step: jax.Array
-  params: Trainable
-  opt_state: Any
-  rng: jax.Array
-
-
-@struct.dataclass
-class Rollout:
-  """One scored rollout batch: sequences for the forward passes and per-response-token PPO targets."""
-  sequence_BxS: jax.Array  # prompt (left-padded, P slots) + response (T slots)
-  segment_ids_BxS: jax.Array  # 1 on real tokens, 0 on padding
-  positions_BxS: jax.Array
-  mask_BxT: jax.Array  # response tokens (float32) of the rows the loss counts (dropped groups: 0)
-  old_logp_BxT: jax.Array
-  ref_logp_BxT: jax.Array
-  old_values_BxT: jax.Array
-  advantages_BxT: jax.Array
-  returns_BxT: jax.Array
-
-
-@struct.dataclass(frozen=True)
-class Models:
-  """Static architecture of each network (hashable: part of the compiled functions' identity)."""
-  policy: TransformerConfig = struct.field(pytree_node=False)
-  value: TransformerConfig = struct.field(pytree_node=False)
-  reward: TransformerConfig = struct.field(pytree_node=False)
-  lora: lora.Spec = struct.field(pytree_node=False, default=lora.Spec())  # rank 0: params are the full networks
-  value_base: str = struct.field(pytree_node=False, default="ref")  # LoRA value adapters on "ref" or "reward"
-
-
-def effective(params: Trainable, frozen: Frozen | None, models: Models) -> Trainable:
-  """The full networks: with LoRA, policy = merge(reference, adapters) and value = {merge(base, adapters), head}
-  (base: the reference or the RM backbone, `models.value_base`); without LoRA `params` itself."""
-  spec = models.lora
-  if not spec.enabled:
-    return params
-  value = None
-  if params.value is not None:
-    base = frozen.ref if models.value_base == "ref" else frozen.reward["backbone"]
-    value = lora.join(params.value, base, spec, "backbone")
-  return Trainable(policy=lora.join(params.policy, frozen.ref, spec), value=value)
+from rlhf_jax.ppo_config import check_models, check_sources
+from rlhf_jax.ppo_state import Frozen, Models, PPOState, Rollout, Trainable, effective, network_axes  # noqa: F401
 
 
 def response_logits(params, cfg: TransformerConfig, seq_BxS, seg_BxS, pos_BxS, T: int):
@@ -262,21 +202,6 @@ def compile_steps(mesh, state_sh, tx: optax.GradientTransformation, models: Mode
   return p_score, p_update
 
 
-def network_axes(models: Models, rm_params, value_params, trainable: Trainable) -> tuple[Trainable, Frozen]:
-  """Logical PartitionSpecs of the trained groups (full networks, or LoRA adapters + value head) and the frozen
-  ones (reference = the policy's base, reward model)."""
-  from rlhf_jax import stages
-  policy_axes = model_lib.logical_axes(lambda: model_lib.boxed_params(models.policy, jax.random.PRNGKey(0)))
-  value_axes = None if value_params is None else stages.reward_axes(models.value, value_params)
-  frozen = Frozen(ref=policy_axes, reward=stages.reward_axes(models.reward, rm_params) if rm_params else None)
-  if not models.lora.enabled:
-    return Trainable(policy=policy_axes, value=value_axes), frozen
-  adapters = lambda axes, tree: {"adapters": lora.adapter_axes(axes, tree["adapters"], models.lora)}
-  value = None if value_axes is None else {**adapters(value_axes["backbone"], trainable.value),
-                                           **{k: v for k, v in value_axes.items() if k != "backbone"}}
-  return Trainable(policy=adapters(policy_axes, trainable.policy), value=value), frozen
-
-
 def _controller(ppo):
   if ppo.adaptive_kl:
     return rl.AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
@@ -308,39 +233,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   hyper = Hyper.from_config(cfg.ppo)
   spec = lora.Spec.from_config(cfg.lora)
   mesh = parallel.make_mesh(cfg.mesh)
-  if cfg.ppo.value_init not in ("reward", "sft"):
-    raise ValueError(f"config ppo.value_init={cfg.ppo.value_init!r}; expected 'reward' or 'sft'")
-  if not cfg.train.init_from:
-    raise ValueError("config train.init_from is empty: give the SFT workdir (policy and reference)")
+  check_sources(cfg, hyper, reward_fn is not None)
   critic = hyper.critic  # RLOO and GRPO have no value network
-  if not cfg.ppo.reward_from and (reward_fn is None or (critic and cfg.ppo.value_init == "reward")):
-    raise ValueError("config ppo.reward_from is empty: give the reward-model workdir" +
-                     (" (with a reward function it only initialises the value network: or set ppo.value_init="
-                      "'sft')" if reward_fn is not None else ""))
   prompt_files = stages.checked_files(cfg.data.prompts, "data.prompts")
   ptx_files = stages.checked_files(cfg.data.ptx, "data.ptx") if hyper.ptx_coef > 0 else None
   policy_cfg, sft_params, tok = stages.load_policy(cfg.train.init_from)
   tok = stages.chat_tokenizer(cfg, tok)
   rm_cfg, rm_params, offset = (stages.load_reward_model(cfg.ppo.reward_from) if cfg.ppo.reward_from
                                 else (policy_cfg, None, 0.0))
-  parallel.check_model(policy_cfg, mesh, f"the policy of train.init_from={cfg.train.init_from!r}: model")
-  parallel.check_model(rm_cfg, mesh, f"the reward model of ppo.reward_from={cfg.ppo.reward_from!r}: model")
-  if rm_cfg.vocab_size != policy_cfg.vocab_size:
-    raise ValueError(f"reward model {cfg.ppo.reward_from!r} vocab_size={rm_cfg.vocab_size} differs from the "
-                     f"policy's ({policy_cfg.vocab_size}): they must share the tokenizer")
-  total = cfg.data.prompt_len + cfg.ppo.max_new_tokens
-  for name, m in (("policy", policy_cfg), ("reward model", rm_cfg)):
-    if total > m.max_len:
-      raise ValueError(f"config data.prompt_len={cfg.data.prompt_len} + ppo.max_new_tokens="
-                       f"{cfg.ppo.max_new_tokens} = {total} exceeds the {name}'s max_len={m.max_len}")
-  rows = parallel.check_divisible(cfg.ppo.rollout_batch, "config ppo.rollout_batch", mesh)
-  if rows % hyper.minibatches:
-    raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per batch shard, not "
-                     f"divisible by ppo.minibatches={hyper.minibatches}")
+  check_models(cfg, hyper, mesh, policy_cfg, rm_cfg)
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if rows % hyper.group_size:
-    raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per batch shard, not "
-                     f"divisible by ppo.group_size={hyper.group_size} (a prompt's responses share a shard)")
   prompt_loader = data.make_prompt_loader(prompt_files, tok, cfg.data.prompt_len,
                                           cfg.ppo.rollout_batch // hyper.group_size,
                                           cfg.data.seed, workdir, truncate_prompt=cfg.data.truncate,
@@ -415,7 +317,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   p_score, p_update = compile_steps(mesh, state_sh, tx, models, hyper)
   policy_sh = parallel.state_shardings(mesh, frozen.ref, frozen_axes.ref)
   p_policy = parallel.jit(lambda params, frozen: effective(params, frozen, models).policy, None, policy_sh)
-  del sft_params, rm_params, value_params  # the host copies (the sharded ones live in state and frozen)
+  sft_params = rm_params = value_params = None  # the host copies go (the sharded ones live in state and frozen)
   writer = metrics.MetricWriter(workdir, resume_step=start)
   progress = metrics.Progress(cfg.train.num_steps, start)
   last: dict = {}
