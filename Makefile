@@ -56,6 +56,7 @@ bench-rloo: $(BENCH_TRL1_VENV)/.installed
 # SIGKILL / mid-checkpoint-write / NaN / negative-control sweep over all four stages + 2-process runs (~15 min)
 faults: venv
 	$(PY) -m tests.faults_driver --kills=3 --multihost
+	$(PY) -m tests.faults_driver --kills=1 --write_kills=1 --nans=0 --controls=0 --mesh=fsdp=2,tensor=2
 
 clean:
 	rm -rf $(VENV) workdir

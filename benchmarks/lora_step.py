@@ -20,7 +20,7 @@ from benchmarks.pretrain_step import lm_batch  # noqa: E402
 
 
 def step_fn(cfg, params, batch, spec: lora.Spec | None):
-  """step() running one real train_step under parallel.pmap: full params, or adapters on the frozen `params`."""
+  """step() running one real train_step compiled over the mesh: full params, or adapters on the frozen `params`."""
   tx = optimizer.make_optimizer(optimizer.default_config(), 1000)
   loss_fn = functools.partial(losses.lm_loss, cfg=cfg)
   frozen = None
@@ -28,13 +28,17 @@ def step_fn(cfg, params, batch, spec: lora.Spec | None):
   if spec is not None:
     trained, frozen = lora.split(params, spec, jax.random.PRNGKey(1))
     loss_fn = lora.with_base(loss_fn, spec)
-  p_train = parallel.pmap(functools.partial(trainer.train_step, loss_fn=loss_fn), donate_argnums=(0,))
-  holder = {"state": parallel.replicate(trainer.create_state(trained, tx, 0))}
-  frozen_R = parallel.replicate(frozen) if frozen is not None else None
-  sharded = parallel.shard_batch(batch)
+  mesh = parallel.make_mesh()  # data parallel over the local devices, as the stages run by default
+  state = trainer.create_state(trained, tx, 0)
+  state_sh = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+  frozen_sh = None if frozen is None else jax.tree.map(lambda _: parallel.replicated(mesh), frozen)
+  p_train, _ = trainer.compile_steps(loss_fn, mesh, state_sh, frozen_sh)
+  holder = {"state": parallel.shard_tree(state, state_sh)}
+  base = () if frozen is None else (parallel.shard_tree(frozen, frozen_sh),)
+  sharded = parallel.put_batch(mesh, batch)
 
   def step():
-    holder["state"], sums = p_train(holder["state"], sharded, frozen_R)
+    holder["state"], sums = p_train(holder["state"], sharded, *base)
     jax.block_until_ready(sums)
 
   return step, holder
@@ -58,7 +62,7 @@ def main():
   low, low_h = step_fn(cfg, params, batch, spec)
   times, cpu = common.interleaved({"full": full, "lora": low}, args.reps, warmup=3)
   n_full = lora.param_count(params)
-  n_lora = lora.param_count(parallel.unreplicate(low_h["state"].params))
+  n_lora = lora.param_count(parallel.to_host(low_h["state"].params))
   print(f"trained params: full {n_full}, LoRA r={args.rank} {args.targets} {n_lora} ({n_lora / n_full:.3%})")
   for k in times:
     print(f"{k}: wall {common.spread(times[k])}, CPU {common.med(cpu[k]):.3f} s")

@@ -1,5 +1,5 @@
 """PPO iteration (rollout + reward + reference + value + update): ours (sampling.make_sampler, ppo.score_rollout,
-ppo.ppo_update, each under parallel.pmap) vs TRL 0.29's PPOTrainer (trl.experimental.ppo), same GPT-2 policy /
+ppo.ppo_update, each under parallel.jit on the data-parallel mesh) vs TRL 0.29's PPOTrainer (trl.experimental.ppo), same GPT-2 policy /
 reward / value sizes (D=256 L=6 H=8 vocab 8192), 32 prompts of 32 tokens -> 64 response tokens, 2 PPO epochs x 2
 minibatches of 16, no ptx (TRL has none). Half of our timed iterations run before TRL's and half after. Prints
 prompt+response tokens/s, the split generation / scoring / update times, and ours / TRL (target >= 3).
@@ -39,21 +39,23 @@ def ours_runner(cfg, policy, reward, prompts_BxP, new_tokens: int, hp: ppo.Hyper
   models = ppo.Models(cfg, cfg, cfg)
   tx = tx or optimizer.make_optimizer(optimizer.default_config(lr=1e-5), 1000)
   trainable = ppo.Trainable(policy=policy, value=reward if critic else None)
-  held = {"state": parallel.replicate(ppo.PPOState(jnp.int32(0), trainable, tx.init(trainable),
-                                                   jax.random.PRNGKey(0)))}
-  frozen_R = parallel.replicate(ppo.Frozen(ref=policy, reward=reward))
-  kl_R, offset_R = parallel.replicate(np.float32(kl_coef)), parallel.replicate(np.float32(0.0))
-  sampler = sampling.make_sampler(parallel.pmap, cfg, max_new_tokens=new_tokens,
+  mesh = parallel.make_mesh()  # data parallel over the local devices, every network replicated
+  state = ppo.PPOState(jnp.int32(0), trainable, tx.init(trainable), jax.random.PRNGKey(0))
+  state_sh = parallel.state_shardings(mesh, state, None)
+  held = {"state": parallel.shard_tree(state, state_sh)}
+  frozen = ppo.Frozen(ref=policy, reward=reward)
+  frozen_R = parallel.shard_tree(frozen, parallel.state_shardings(mesh, frozen, None))
+  kl_R, offset_R = np.float32(kl_coef), np.float32(0.0)
+  sampler = sampling.make_sampler(mesh, cfg, max_new_tokens=new_tokens,
                                   eos_id=cfg.vocab_size - 1 if eos_id is None else eos_id, pad_id=PAD)
-  p_score = parallel.pmap(functools.partial(ppo.score_rollout, models=models, ppo=hp))
-  p_update = parallel.pmap(functools.partial(ppo.ppo_update, tx=tx, models=models, ppo=hp), donate_argnums=(0,))
-  sharded = parallel.shard_batch({"tokens": prompts_BxP, "mask": np.ones_like(prompts_BxP)})
+  p_score, p_update = ppo.compile_steps(mesh, state_sh, tx, models, hp)
+  sharded = parallel.put_batch(mesh, {"tokens": prompts_BxP, "mask": np.ones_like(prompts_BxP)})
   out = collections.defaultdict(list)
 
   def run(n: int) -> None:
     for _ in range(n):
       it = len(out["cpu"])
-      rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1), it), parallel.device_count())
+      rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1), it), 1)[0]
       c0, t0 = time.process_time(), time.perf_counter()
       samples = jax.block_until_ready(sampler(held["state"].params.policy, sharded["tokens"], sharded["mask"], rngs))
       t1 = time.perf_counter()
@@ -65,7 +67,7 @@ def ours_runner(cfg, policy, reward, prompts_BxP, new_tokens: int, hp: ppo.Hyper
       response = int(np.sum(samples.lengths_B))
       for k, v in (("generation", t1 - t0), ("scoring", t2 - t1), ("update", t3 - t2),
                    ("cpu", time.process_time() - c0), ("tokens", prompts_BxP.size + response), ("response", response),
-                   ("kl", float(sums["kl"][0][0]) / response)):  # per response token, as TRL's metric
+                   ("kl", float(sums["kl"][0]) / response)):  # per response token, as TRL's metric
         out[k].append(v)
 
   return run, out

@@ -1,4 +1,4 @@
-"""Pretraining step time: ours (trainer.train_step under parallel.pmap, lm_loss, AdamW) vs PyTorch eager and
+"""Pretraining step time: ours (trainer.train_step under parallel.jit on the data-parallel mesh, lm_loss, AdamW) vs PyTorch eager and
 torch.compile (HF GPT2LMHeadModel with the same weights, AdamW + clipping), GPT-2 shape D=256 L=6 H=8,
 T=256, batch 16, vocab 8192. Prints ours / PyTorch-eager (target <= 0.7), achieved FLOP/s as a fraction of the
 measured matmul peak, and where our step's time goes (forward, backward, attention, head + loss, optimizer).
@@ -29,12 +29,15 @@ def lm_batch(cfg: model.TransformerConfig, batch: int, seq: int, seed: int = 0) 
 
 
 def ours_step(cfg: model.TransformerConfig, params, batch: dict, loss_fn=None):
-  """(step(), compile_s): one real `trainer.train_step` under `parallel.pmap` per call, on the given batch."""
+  """(step(), compile_s): one real `trainer.train_step` compiled over the default (data-parallel) mesh per call."""
   tx = optimizer.make_optimizer(optimizer.default_config(), 1000)
   loss_fn = loss_fn or functools.partial(losses.lm_loss, cfg=cfg)
-  p_train = parallel.pmap(functools.partial(trainer.train_step, loss_fn=loss_fn), donate_argnums=(0,))
-  holder = {"state": parallel.replicate(trainer.create_state(params, tx, 0))}
-  sharded = parallel.shard_batch(batch)
+  mesh = parallel.make_mesh()
+  state = trainer.create_state(params, tx, 0)
+  state_sh = parallel.state_shardings(mesh, state, None)
+  p_train, _ = trainer.compile_steps(loss_fn, mesh, state_sh)
+  holder = {"state": parallel.shard_tree(state, state_sh)}
+  sharded = parallel.put_batch(mesh, batch)
 
   def step():
     holder["state"], sums = p_train(holder["state"], sharded)
@@ -67,7 +70,7 @@ def torch_step(hf_model, batch: dict, compile_model: bool = False):
 
 
 def breakdown(cfg: model.TransformerConfig, params, batch: dict, reps: int) -> dict[str, float]:
-  """Median CPU seconds of jitted pieces of our step at the same shapes (single device, no pmap)."""
+  """Median CPU seconds of jitted pieces of our step at the same shapes (single device)."""
   b = jax.tree.map(jnp.asarray, batch)
   loss_fn = functools.partial(losses.lm_loss, cfg=cfg)
   fwd = jax.jit(lambda p: loss_fn(p, b, None)[0])

@@ -1,5 +1,5 @@
 """RLOO iteration (G samples per prompt, leave-one-out baseline, KL-regularised, no critic): ours
-(sampling.make_sampler, ppo.score_rollout, ppo.ppo_update under parallel.pmap with ppo.Hyper(group_size=G) and Trainable(value=None)) vs TRL
+(sampling.make_sampler, ppo.score_rollout, ppo.ppo_update under parallel.jit with ppo.Hyper(group_size=G) and Trainable(value=None)) vs TRL
 1.x's RLOOTrainer, same GPT-2 policy / reference / reward sizes (D=256 L=6 H=8 vocab 8192, the same random weights
 on both sides), 8 prompts x G=4 = 32 responses, prompts of 32 tokens -> up to 64 new tokens, k1 KL with β = 0.05,
 2 epochs x 2 minibatches of 16 per rollout batch. Prints prompt+response tokens/s, the split generation / scoring /

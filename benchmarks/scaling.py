@@ -1,4 +1,4 @@
-"""Scaling of the pretraining step: ours (pmapped trainer.train_step) and PyTorch eager (HF GPT2LMHeadModel, same
+"""Scaling of the pretraining step: ours (trainer.train_step on the data-parallel mesh) and PyTorch eager (HF GPT2LMHeadModel, same
 weights) vs model size (D/L = 128/4, 256/6, 384/8 at T=256) and vs sequence length (T = 128, 256, 512 at
 D=256 L=6), 4096 tokens per step (batch = 4096 / T), vocab 8192. Prints a markdown table (step time, tokens/s,
 achieved FLOP/s, ours / eager) and writes benchmarks/scaling.png.
@@ -62,7 +62,7 @@ def plot(by_size: list[dict], by_len: list[dict], path: str) -> None:
   for ax, rows, key, label in ((axes[0], by_size, "params", "parameters (M)"), (axes[1], by_len, "T",
                                                                               "sequence length T")):
     xs = [r[key] / 1e6 if key == "params" else r[key] for r in rows]
-    ax.plot(xs, [r["ours"] for r in rows], "o-", color="C0", label="ours (JAX, pmap train_step), wall")
+    ax.plot(xs, [r["ours"] for r in rows], "o-", color="C0", label="ours (JAX, jit train_step), wall")
     ax.plot(xs, [r["ours_cpu"] for r in rows], "o:", color="C0", label="ours, CPU s")
     ax.plot(xs, [r["eager"] for r in rows], "s-", color="C1", label="PyTorch eager (HF GPT-2), wall")
     ax.plot(xs, [r["eager_cpu"] for r in rows], "s:", color="C1", label="PyTorch eager, CPU s")

@@ -1,5 +1,5 @@
 """SFT and reward-model throughput in non-pad tokens/s against packed pretraining, on the embedded task's data
-through our loaders (data.make_lm_loader / make_sft_loader / make_comparison_loader) and the real pmapped
+through our loaders (data.make_lm_loader / make_sft_loader / make_comparison_loader) and the real compiled
 trainer.train_step (lm_loss, reward_loss), GPT-2 shape D=256 L=6 H=8, the task's 512-piece BPE tokenizer,
 16 rows x L tokens per step for every stage (RM: 4 elements of K=4 rows, records packed several per element as
 the loader does by default), the RM in the padded layout (pack=False: one record per element, response k in row
@@ -52,14 +52,17 @@ def longest_comparison(path: str, tok) -> int:
 
 
 def stage_step(loss_fn, params, loader):
-  """(step() -> non-pad tokens, compile_s): next loader batch + one pmapped trainer.train_step."""
+  """(step() -> non-pad tokens, compile_s): next loader batch + one trainer.train_step on the data-parallel mesh."""
   tx = optimizer.make_optimizer(optimizer.default_config(), 1000)
-  p_train = parallel.pmap(functools.partial(trainer.train_step, loss_fn=loss_fn), donate_argnums=(0,))
-  holder = {"state": parallel.replicate(trainer.create_state(params, tx, 0)), "tokens": []}
+  mesh = parallel.make_mesh()
+  state = trainer.create_state(params, tx, 0)
+  state_sh = parallel.state_shardings(mesh, state, None)
+  p_train, _ = trainer.compile_steps(loss_fn, mesh, state_sh)
+  holder = {"state": parallel.shard_tree(state, state_sh), "tokens": []}
 
   def step():
     batch = next(loader)
-    holder["state"], sums = p_train(holder["state"], parallel.shard_batch(batch))
+    holder["state"], sums = p_train(holder["state"], parallel.put_batch(mesh, batch))
     jax.block_until_ready(sums)
     holder["tokens"].append(data.num_tokens(batch))
 

@@ -1,9 +1,9 @@
-"""The RL step's advantage per method (`ppo.advantage`), per device inside the compiled scoring of a rollout.
+"""The RL step's advantage per method (`ppo.advantage`), inside the compiled scoring of a global rollout batch.
 
 "gae": shaped rewards r_t = −β·kl_t (+ score on the last token), GAE(γ, λ) on the critic's values;
 "rloo": the same shaped rewards around the leave-one-out baselined score, reward-to-go (GAE with V = 0, λ = 1);
 "grpo": A_b = `rl.group_advantages` of the group's scores (minus β·Σ_t kl_t when kl_in="reward"), on every token.
-gae/rloo advantages are optionally whitened over every device's valid tokens. DAPO's dynamic sampling
+gae/rloo advantages are optionally whitened over the whole batch's valid tokens. DAPO's dynamic sampling
 (`drop_equal_groups`) zeroes the loss mask of groups whose scores are all equal (static shapes, no resampling).
 """
 from __future__ import annotations
@@ -11,14 +11,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import parallel, rl
+from rlhf_jax import rl
 
 
 def global_whiten(x_BxT, mask_BxT):
-  """masked_whiten with mean and population variance over every device's valid entries."""
-  n = parallel.psum(jnp.sum(mask_BxT))
-  mean = parallel.psum(jnp.sum(x_BxT * mask_BxT)) / n
-  var = parallel.psum(jnp.sum(jnp.square(x_BxT - mean) * mask_BxT)) / n
+  """masked_whiten over the global batch: (x − μ)/√(σ² + 1e-8), μ and population σ² over the valid entries."""
+  n = jnp.sum(mask_BxT)
+  mean = jnp.sum(x_BxT * mask_BxT) / n
+  var = jnp.sum(jnp.square(x_BxT - mean) * mask_BxT) / n
   return jnp.where(mask_BxT > 0, (x_BxT - mean) * jax.lax.rsqrt(var + 1e-8), 0.0)
 
 
@@ -40,13 +40,13 @@ def group_kept(score_B, G: int):
 
 
 def group_relative(score_B, ppo):
-  """`rl.group_advantages` per device (groups never straddle devices); scale_rewards="batch" divides by the
-  Bessel-corrected std √(Σ(r − r̄)² / (n − 1)) of every device's scores (psummed)."""
+  """`rl.group_advantages` of the global batch; scale_rewards="batch" divides by the Bessel-corrected std
+  √(Σ(r − r̄)² / (n − 1)) of all its scores."""
   if ppo.scale_rewards != "batch":
     return rl.group_advantages(score_B, ppo.group_size, ppo.scale_rewards)
-  n = parallel.psum(jnp.float32(score_B.shape[0]))
-  mean = parallel.psum(jnp.sum(score_B)) / n
-  var = parallel.psum(jnp.sum(jnp.square(score_B - mean))) / (n - 1)
+  n = jnp.float32(score_B.shape[0])
+  mean = jnp.sum(score_B) / n
+  var = jnp.sum(jnp.square(score_B - mean)) / (n - 1)
   return rl.group_advantages(score_B, ppo.group_size, "none") / (jnp.sqrt(var) + 1e-4)
 
 

@@ -29,17 +29,26 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, extra: dict) -> None:
-    """Saves host copies of `state` and the JSON-able `extra` at `step` (atomic: written then renamed)."""
+    """Saves `state` (sharded jax.Arrays: every process writes its own shards; or host arrays) and the JSON-able
+    `extra` at `step` (atomic: written then renamed)."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)))
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores (state shaped like `abstract_state`, extra) saved at `step`; a ValueError naming the workdir and the
+    """Restores (state shaped like `abstract_state`, extra) saved at `step`, onto the shardings its ShapeDtypeStructs
+    carry (parallel.with_shardings: any mesh, whichever wrote it); a ValueError naming the workdir and the
     parameters when the saved state has others (a run with another config wrote it)."""
     self._check_params(step, abstract_state)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
     return out["state"], out["extra"]
+
+  def host_target(self, step: int) -> Any:
+    """A restore target of host numpy arrays shaped like the state saved at `step` (whatever mesh, device count or
+    process count wrote it; np.empty: no memory is touched before the read)."""
+    with ocp.StandardCheckpointer() as reader:
+      saved = reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata
+    return jax.tree.map(lambda m: np.empty(m.shape, m.dtype), saved.tree if hasattr(saved, "tree") else saved)
 
   def _check_params(self, step: int, abstract_state: Any) -> None:
     """Compares the parameter names saved at `step` with those of `abstract_state` (before orbax's own error)."""
@@ -90,7 +99,7 @@ def load_params(workdir: str, key: str = "params", step: int | None = None) -> t
     raise ValueError(f"{workdir!r}: no checkpoint at step {step} (saved: {saved_steps(workdir)})")
   step = ckpt.latest_step() if step is None else step
   out = ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), extra=ocp.args.JsonRestore()))
+      state=ocp.args.StandardRestore(ckpt.host_target(step)), extra=ocp.args.JsonRestore()))
   ckpt.close()
   state = out["state"]
   if key not in state:

@@ -305,8 +305,8 @@ def host_batch_size(batch_size: int, process_count: int, local_device_count: int
     raise ValueError(f"{field}={batch_size} must be a positive multiple of process_count={process_count}")
   rows = batch_size // process_count
   if rows % local_device_count:
-    raise ValueError(f"{field}={batch_size} gives {rows} rows per host, not divisible by the local device count "
-                     f"({local_device_count})")
+    raise ValueError(f"{field}={batch_size} gives {rows} rows per host, not divisible by the host's batch shards "
+                     f"({local_device_count}: mesh.data × mesh.fsdp / process_count; by default its local devices)")
   return rows
 
 
@@ -315,7 +315,7 @@ LOADER_OPTIONS = {  # keyword options of every make_*_loader
     "split": "train",  # split of a "tfds:NAME" source (local files are one split)
     "text_key": "text",  # text field of JSONL / TFDS records for the LM loader
     "tfds_data_dir": None,  # where "tfds:NAME" datasets are prepared (None: TFDS's default)
-    "local_device_count": None,  # devices per host the host batch must divide (None: jax's)
+    "local_device_count": None,  # batch shards per host the host batch must divide (None: its local devices)
     "batch_field": "data.batch_size",  # config name used in batch-size errors
 }
 

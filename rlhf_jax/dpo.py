@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, data, lora, losses, optimizer, records, stages, trainer
+from rlhf_jax import checkpoint, data, lora, losses, optimizer, parallel, records, stages, trainer
+from rlhf_jax.model import boxed_params, logical_axes
 
 REF_MODES = ("precompute", "on_the_fly")
 CACHE_FILE = "ref_logp.npz"
@@ -48,6 +49,7 @@ def config() -> ml_collections.ConfigDict:
   cfg.opt.warmup_steps = 10
   cfg.train = trainer.train_config(num_steps=200)  # init_from: the SFT workdir (policy start and reference)
   cfg.lora = lora.config()  # rank > 0: adapters train on the frozen SFT weights, which are also the reference
+  cfg.mesh = parallel.mesh_config()
   return cfg
 
 
@@ -132,7 +134,9 @@ def run_dpo(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     lora.check_resume(checkpoint.load_extra(workdir).get("meta", {}).get("lora"), spec, workdir)
   train_files = stages.checked_files(cfg.data.train, "data.train")
   eval_files = stages.checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
+  mesh = parallel.make_mesh(cfg.mesh)
   model, sft_params, tok = stages.load_policy(cfg.train.init_from)
+  parallel.check_model(model, mesh, f"the policy of train.init_from={cfg.train.init_from!r}: model")
   if cfg.data.seq_len > model.max_len:
     raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds the policy's max_len={model.max_len}")
   stages.install_tokenizer(tok, workdir)
@@ -146,7 +150,8 @@ def run_dpo(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   make = functools.partial(data.make_comparison_loader, tokenizer=tok, seq_len=cfg.data.seq_len,
                            batch_size=cfg.data.batch_size, max_responses=cfg.data.max_responses,
                            truncate_prompt=cfg.data.truncate, workdir=workdir, record_values=record_values,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           local_device_count=parallel.local_batch_shards(mesh))
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = None
   if eval_files:
@@ -158,17 +163,20 @@ def run_dpo(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   loss_fn = functools.partial(losses.dpo_pair_loss, cfg=model, beta=float(d.beta), loss_type=d.loss_type,
                               label_smoothing=float(d.label_smoothing), simpo_gamma=float(d.simpo_gamma))
   meta = {"stage": "dpo", "model": dataclasses.asdict(model), "sft": cfg.train.init_from, "dpo": cfg.dpo.to_dict()}
-  frozen = None
+  frozen, policy_axes = None, logical_axes(lambda: boxed_params(model, jax.random.PRNGKey(0)))
+  specs = {"policy": policy_axes, **({"ref": policy_axes} if on_the_fly else {})}
   if spec.enabled:  # adapters on the frozen SFT weights; the reference is those weights themselves
     frozen = lora.cast_base(sft_params, cfg.lora.base_dtype)
     tx = optimizer.make_optimizer(cfg.opt, cfg.train.num_steps // cfg.opt.grad_accum)
     params = {"policy": lora.split(frozen, spec, jax.random.PRNGKey(cfg.train.seed))[0]}
     loss_fn = _lora_loss(loss_fn, spec, on_the_fly)
     meta.update(lora={**spec.meta(), "base_dtype": cfg.lora.base_dtype}, lora_base=cfg.train.init_from)
+    specs = {"policy": {"adapters": lora.adapter_axes(policy_axes, params["policy"]["adapters"], spec)}}
   _, last = trainer.train_loop(
       workdir=workdir, train_cfg=cfg.train, loss_fn=loss_fn,
       scratch_state=lambda: trainer.create_state(params, tx, cfg.train.seed), train_loader=train_loader,
-      eval_batches=eval_fn, meta=meta, stage="dpo", frozen=frozen)
+      eval_batches=eval_fn, meta=meta, stage="dpo", mesh=mesh, param_specs=specs, frozen=frozen,
+      frozen_specs=policy_axes if frozen is not None else None)
   return last
 
 

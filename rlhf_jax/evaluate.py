@@ -26,27 +26,30 @@ def prompt_batch(tok: Tokenizer, prompts: Sequence[str], prompt_len: int) -> dic
 
 
 @functools.lru_cache(maxsize=8)
-def _sampler(cfg: TransformerConfig, max_new_tokens: int, greedy: bool, temperature: float, eos_id: int,
+def _sampler(mesh, cfg: TransformerConfig, max_new_tokens: int, greedy: bool, temperature: float, eos_id: int,
              pad_id: int):
-  return sampling.make_sampler(parallel.pmap, cfg, max_new_tokens=max_new_tokens, temperature=temperature,
+  return sampling.make_sampler(mesh, cfg, max_new_tokens=max_new_tokens, temperature=temperature,
                                greedy=greedy, eos_id=eos_id, pad_id=pad_id)
 
 
 def generate(params, cfg: TransformerConfig, tok: Tokenizer, prompts: Sequence[str], *, prompt_len: int,
              max_new_tokens: int, greedy: bool, temperature: float = 1.0, seed: int = 0,
-             batch_size: int = 64) -> tuple[list[str], list[sampling.Samples]]:
-  """Responses (decoded text, cut at EOS) for `prompts`, sampled or greedy, in batches over all local devices."""
-  n_dev = parallel.device_count()
-  batch_size = max(n_dev, batch_size // n_dev * n_dev)
-  sample_fn = _sampler(cfg, max_new_tokens, greedy, float(temperature), tok.eos_id, tok.pad_id)
-  params_R = parallel.replicate(params)
+             batch_size: int = 64, mesh=None) -> tuple[list[str], list[sampling.Samples]]:
+  """Responses (decoded text, cut at EOS) for `prompts`, sampled or greedy, in batches over `mesh` (default:
+  data parallel over every device). Batch `lo`'s key is split(fold_in(PRNGKey(seed), lo), 1)[0] (device 0's under
+  the former per-device pmap), the same on any mesh."""
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  n = parallel.batch_shards(mesh)
+  batch_size = max(n, batch_size // n * n)
+  sample_fn = _sampler(mesh, cfg, max_new_tokens, greedy, float(temperature), tok.eos_id, tok.pad_id)
+  params = parallel.shard_tree(params, jax.tree.map(lambda _: parallel.replicated(mesh), params))
   texts, batches = [], []
   for lo in range(0, len(prompts), batch_size):
     chunk = list(prompts[lo:lo + batch_size])
     batch = prompt_batch(tok, chunk + [chunk[0]] * (batch_size - len(chunk)), prompt_len)
-    sharded = parallel.shard_batch(batch, "eval batch")
-    rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), lo), n_dev)
-    out = parallel.unshard(sample_fn(params_R, sharded["prompt_tokens"], sharded["prompt_mask"], rngs))
+    sharded = parallel.put_global_batch(mesh, batch, "eval batch")
+    rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), lo), 1)[0]
+    out = parallel.to_host(sample_fn(params, sharded["prompt_tokens"], sharded["prompt_mask"], rng))
     out = jax.tree.map(lambda x: x[:len(chunk)], out)
     texts += [tok.decode(t[:n]) for t, n in zip(out.tokens_BxT, out.lengths_B)]
     batches.append(out)
@@ -75,7 +78,7 @@ def kl_to_reference(params, ref_params, cfg: TransformerConfig, batches: Sequenc
 def evaluate_policy(params, cfg: TransformerConfig, tok: Tokenizer, prompts: Sequence[str], *,
                     oracle: Callable[[str, str], float], exact: Callable[[str, str], bool], prompt_len: int,
                     max_new_tokens: int, ref_params=None, reward_fn: Callable[[list, list], np.ndarray] | None = None,
-                    seed: int = 0, samples_per_prompt: int = 1, greedy: bool = True) -> dict[str, Any]:
+                    seed: int = 0, samples_per_prompt: int = 1, greedy: bool = True, mesh=None) -> dict[str, Any]:
   """Held-out metrics of one policy: oracle/exact at temperature 1 (means over `samples_per_prompt` samples of
   every prompt, with the standard error over prompts) and greedy (None with `greedy=False`), mean RM score and KL
   to the reference (on the samples)."""
@@ -83,7 +86,7 @@ def evaluate_policy(params, cfg: TransformerConfig, tok: Tokenizer, prompts: Seq
     raise ValueError(f"evaluate_policy: samples_per_prompt={samples_per_prompt} must be >= 1")
   repeated = [p for p in prompts for _ in range(samples_per_prompt)]
   sampled, batches = generate(params, cfg, tok, repeated, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                              greedy=False, seed=seed)
+                              greedy=False, seed=seed, mesh=mesh)
   oracle_P = np.mean(np.reshape([oracle(p, r) for p, r in zip(repeated, sampled)], (len(prompts), -1)), axis=1)
   out = {"oracle_sampled": float(np.mean(oracle_P)), "oracle_sampled_se": standard_error(oracle_P),
          "exact_sampled": float(np.mean([exact(p, r) for p, r in zip(repeated, sampled)])),
@@ -91,7 +94,7 @@ def evaluate_policy(params, cfg: TransformerConfig, tok: Tokenizer, prompts: Seq
   greedy_texts = [""] * len(prompts)
   if greedy:
     greedy_texts, _ = generate(params, cfg, tok, prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                               greedy=True)
+                               greedy=True, mesh=mesh)
     out["oracle_greedy"] = float(np.mean([oracle(p, r) for p, r in zip(prompts, greedy_texts)]))
     out["exact_greedy"] = float(np.mean([exact(p, r) for p, r in zip(prompts, greedy_texts)]))
   if reward_fn is not None:

@@ -34,7 +34,7 @@ import time
 import ml_collections
 import numpy as np
 
-from rlhf_jax import evaluate, knowledge, pipeline, stages, tasks
+from rlhf_jax import evaluate, knowledge, parallel, pipeline, stages, tasks
 from rlhf_jax.tokenizer import load_tokenizer
 
 STAGES = ("pretrain", "sft", "ppo")
@@ -146,7 +146,8 @@ def evaluate_stage(policy_dir: str, questions: list[str], cfg: ml_collections.Co
   """Knowledge metrics of one policy workdir: sampled (samples_per_question each, temperature 1) and greedy_*."""
   model, params, tok = stages.load_policy(policy_dir)
   reps = [q for q in questions for _ in range(cfg.grid.samples_per_question)]
-  gen = dict(prompt_len=cfg.rl.data.prompt_len, max_new_tokens=cfg.ppo.max_new_tokens)
+  gen = dict(prompt_len=cfg.rl.data.prompt_len, max_new_tokens=cfg.ppo.max_new_tokens,
+             mesh=parallel.make_mesh(cfg.mesh))
   sampled, _ = evaluate.generate(params, model, tok, reps, greedy=False, seed=cfg.grid.seed, **gen)
   greedy, _ = evaluate.generate(params, model, tok, questions, greedy=True, **gen)
   out = knowledge_metrics(reps, sampled)

@@ -1,6 +1,6 @@
 """Metrics: sums + denominators, TensorBoard + metrics.jsonl writers, progress/ETA line, NaN/Inf guard, plots.
 
-Step functions return metrics as `{name: (sum, count)}` pairs, psummed over devices; `summarize` divides on
+Step functions return metrics as `{name: (sum, count)}` pairs, exact global sums over the mesh; `summarize` divides on
 the host, which is correct for masked token losses whatever the padding per device.
 """
 from __future__ import annotations

@@ -1,93 +1,298 @@
-"""The only device-aware module: pmap wrapping, replication, batch sharding, collectives, multi-host init.
+"""The only device-aware module: the device Mesh, the logical-axis -> mesh-axis rule table, the shardings of
+params, optimizer states, batches and KV caches, the jit call with its in/out shardings, host transfers and
+multi-host init. Nothing else imports jax.sharding.
 
-Step code is written per device with the named axis `AXIS`; `pmap` below is the one place it is mapped over
-local devices, so moving to `jit(shard_map(...))` is a change to this file alone.
+Step code is written for the GLOBAL batch and stays pure: `jit` below compiles it over a `Mesh` of all
+(global) devices with axes `MESH_AXES` = ("data", "fsdp", "tensor"), and GSPMD inserts the collectives. Batches
+shard their leading axis over ("data", "fsdp"); parameters carry logical axis names (model.py) that `RULES` maps
+to mesh axes: FSDP shards the model width ("embed") of every matrix over "fsdp", Megatron-style tensor
+parallelism shards heads, kv heads, the MLP width and the vocabulary over "tensor". The default mesh
+(data=-1, fsdp=1, tensor=1) is pure data parallelism: every parameter replicated, the batch split.
+
+Typical use (see trainer.train_loop):
+  mesh = parallel.make_mesh(cfg.mesh)                                  # ValueError on a bad mesh
+  specs = model.logical_axes(lambda: model.boxed_params(model_cfg, key))   # logical names, abstract
+  state_sh = parallel.state_shardings(mesh, jax.eval_shape(make_state), specs)
+  state = parallel.shard_tree(host_state, state_sh)                    # host numpy -> sharded jax.Arrays
+  step = parallel.jit(train_step, (state_sh, parallel.batch_sharding(mesh)), (state_sh, parallel.replicated(mesh)),
+                      donate_argnums=(0,))
+  state, sums = step(state, parallel.put_batch(mesh, host_batch, "data.batch_size"))
+  metrics = parallel.to_host(sums)
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXIS = "batch"
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # a batch's leading axis is split over these (in this order)
+
+# Logical axis name (model.py) -> mesh axis (None: replicated). A dimension that its mesh axis does not divide is
+# replicated instead (e.g. GPT-2's vocabulary of 50257 over tensor=2); `check_model` rejects the splits that would
+# silently lose most of the memory saving (heads, kv heads, MLP width over tensor; the model width over fsdp).
+RULES = (
+    ("embed", "fsdp"),  # D: the large dimension of every matrix (embeddings, attention, MLP, heads)
+    ("vocab", "tensor"),  # V: embedding rows and untied output head
+    ("heads", "tensor"),  # H: query heads (and the output projection's input)
+    ("kv_heads", "tensor"),  # K: key/value heads (and the KV cache)
+    ("mlp", "tensor"),  # F: the MLP hidden width
+    ("head_dim", None),  # E
+    ("positions", None),  # rows of the learned position table
+    ("norm", None),  # norm scales and biases (D, small)
+    ("scalar", None),  # the one output of a ScalarHead
+    ("layers", None),  # the stacked layer axis of model.scan_layers (each device holds every layer's share)
+)
 
 
-def pmap(fn: Callable, static_broadcasted_argnums=(), donate_argnums=()) -> Callable:
-  """Maps a per-device step over all local devices along the named axis `AXIS`."""
-  return jax.pmap(fn, axis_name=AXIS, static_broadcasted_argnums=static_broadcasted_argnums,
-                  donate_argnums=donate_argnums)
+def mesh_config() -> ml_collections.ConfigDict:
+  """The `cfg.mesh` group of every stage: how the global devices are laid out (product = device count)."""
+  m = ml_collections.ConfigDict()
+  m.data = -1  # data-parallel replicas (-1 = the devices fsdp × tensor leave: pure data parallelism by default)
+  m.fsdp = 1  # shards of every parameter's model width (and of the optimizer state); the batch splits over it too
+  m.tensor = 1  # tensor-parallel shards of heads, kv heads, MLP width and vocabulary (keep within one host)
+  return m
 
 
-def pmean(tree):
-  """Mean over the device axis (inside a pmapped function)."""
-  return jax.lax.pmean(tree, AXIS)
+def make_mesh(mesh_cfg: ml_collections.ConfigDict | dict | None = None, devices: Sequence | None = None) -> Mesh:
+  """A Mesh of `devices` (default: all global devices, in process order) shaped (data, fsdp, tensor).
 
-
-def psum(tree):
-  """Sum over the device axis (inside a pmapped function)."""
-  return jax.lax.psum(tree, AXIS)
-
-
-def device_index():
-  """This device's index along the device axis (inside a pmapped function)."""
-  return jax.lax.axis_index(AXIS)
+  ValueError naming `config mesh.data/fsdp/tensor` when a size is not positive (data may be -1), when the product
+  is not the device count, or (multi-host) when the tensor axis would span processes.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  m = dict(mesh_config().to_dict(), **(dict(mesh_cfg) if mesh_cfg is not None else {}))
+  unknown = sorted(set(m) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"config mesh: unknown field(s) {unknown}; expected {list(MESH_AXES)}")
+  data, fsdp, tensor = (int(m[a]) for a in MESH_AXES)
+  where = f"config mesh.data={data}, mesh.fsdp={fsdp}, mesh.tensor={tensor}"
+  if fsdp < 1 or tensor < 1 or (data < 1 and data != -1):
+    raise ValueError(f"{where}: sizes must be >= 1 (mesh.data may be -1: the devices the others leave)")
+  n = len(devices)
+  if data == -1:
+    if n % (fsdp * tensor):
+      raise ValueError(f"{where}: fsdp × tensor = {fsdp * tensor} does not divide the {n} devices")
+    data = n // (fsdp * tensor)
+  if data * fsdp * tensor != n:
+    raise ValueError(f"{where}: the product {data * fsdp * tensor} must equal the device count ({n})")
+  local = jax.local_device_count()
+  if jax.process_count() > 1 and local % tensor:
+    raise ValueError(f"{where}: mesh.tensor must divide the {local} devices of each process (a batch shard's "
+                     "tensor group stays within one host)")
+  return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
 
 
 def device_count() -> int:
-  """Number of local devices a pmapped step runs on."""
+  """Local devices: the batch shards per host of the default (pure data-parallel) mesh."""
   return jax.local_device_count()
 
 
-def _sharding(n: int) -> jax.sharding.NamedSharding:
-  """The layout pmap gives its outputs: leading axis split over the first `n` local devices."""
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n]), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+def describe_mesh(mesh: Mesh) -> str:
+  """One line naming the mesh's axis sizes, for the experiment logs."""
+  return "mesh " + " × ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
 
 
-def replicate(tree, n: int | None = None):
-  """One copy of a pytree per local device (leading axis = device), laid out as pmap outputs are.
-
-  Matching pmap's own output layout means the second call of a pmapped step does not recompile.
-  """
-  n = n or device_count()
-  sharding = _sharding(n)
-  return jax.tree.map(
-      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding), tree)
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch is split: mesh data × fsdp."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def unreplicate(tree):
-  """The first device's copy of a replicated pytree, as host numpy arrays."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0] if isinstance(x, jax.Array)
-                      else np.asarray(x[0]), tree)
+def local_batch_shards(mesh: Mesh) -> int:
+  """Batch shards held by this process (its rows must divide by this)."""
+  return max(1, batch_shards(mesh) // jax.process_count())
 
 
-def check_divisible(batch_size: int, field: str) -> int:
-  """Per-device batch size; ValueError naming `field` when not divisible by the local device count."""
-  n = device_count()
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading axis over ("data", "fsdp"), the rest replicated (use as a prefix for a whole batch pytree)."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (scalars, metrics, RNG keys, step counters)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+def check_model(model_cfg, mesh: Mesh, where: str = "config model") -> None:
+  """ValueError naming the config fields when tensor parallelism cannot split heads/kv heads/MLP width or fsdp
+  cannot split the model width (`model_cfg`: a model.TransformerConfig or the `cfg.model` group)."""
+  pairs = (("num_heads", "tensor"), ("num_kv_heads", "tensor"), ("d_ff", "tensor"), ("d_model", "fsdp"))
+  for name, axis in pairs:
+    value, size = getattr(model_cfg, name), mesh.shape[axis]
+    if value % size:
+      raise ValueError(f"{where}.{name}={value} is not divisible by config mesh.{axis}={size}")
+
+
+def _mesh_axis(logical: str | None):
+  table = dict(RULES)
+  if logical is not None and logical not in table:
+    raise ValueError(f"logical axis {logical!r} has no rule in parallel.RULES ({[k for k, _ in RULES]})")
+  return table.get(logical) if logical is not None else None
+
+
+def mesh_spec(logical_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """The mesh PartitionSpec of an array of `shape` with logical names `logical_spec` (via `RULES`); a dimension
+  its mesh axis does not divide, or a mesh axis already used by an earlier dimension, is replicated."""
+  out, used = [], set()
+  for logical, dim in zip(tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec)), shape):
+    axis = _mesh_axis(logical)
+    if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+      out.append(None)
+    else:
+      out.append(axis)
+      used.add(axis)
+  return PartitionSpec(*out)
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
+def param_shardings(mesh: Mesh, abstract_params: Any, logical_specs: Any) -> Any:
+  """NamedSharding per parameter from its shape (array or ShapeDtypeStruct) and logical PartitionSpec."""
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, mesh_spec(spec, np.shape(x), mesh)), logical_specs,
+                      abstract_params, is_leaf=_is_spec)
+
+
+def _names(path) -> tuple[str, ...]:
+  """Plain names of a key path (attribute, dict key or sequence index)."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_shardings(mesh: Mesh, abstract_state: Any, logical_specs: Any) -> Any:
+  """NamedSharding of every leaf of a train state (TrainState, PPOState, ...): a leaf whose key path ends with a
+  parameter's path (relative to `state.<root>`, whose logical specs are `logical_specs`) is sharded like that
+  parameter (the parameter itself, Adam's moments, accumulated gradients: optax states mirror the params); every
+  other leaf (step, counters, RNG keys) is replicated. The longest matching path wins; `logical_specs=None`
+  replicates everything."""
+  table = {_names(p): spec for p, spec in jax.tree_util.tree_leaves_with_path(logical_specs, is_leaf=_is_spec)
+           if logical_specs is not None}
+  depth = max((len(k) for k in table), default=0)
+
+  def leaf(path, x):
+    names = _names(path)
+    for start in range(max(0, len(names) - depth), len(names)):
+      spec = table.get(names[start:])
+      if spec is not None and len(spec) <= len(np.shape(x)):
+        return NamedSharding(mesh, mesh_spec(spec, np.shape(x), mesh))
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract` carrying `shardings` (an orbax restore target: restores onto that layout)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), abstract, shardings)
+
+
+def shard_tree(tree: Any, shardings: Any) -> Any:
+  """Places a tree that every process holds in full (host numpy or jax arrays) onto `shardings`; each device only
+  receives its own slice (make_array_from_callback), so this works across processes."""
+  def put(x, s):
+    if isinstance(x, jax.Array) and x.sharding == s:
+      return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+  return jax.tree.map(put, tree, shardings)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def check_divisible(batch_size: int, field: str, mesh: Mesh) -> int:
+  """Rows per batch shard; ValueError naming `field` when the global batch does not split over data × fsdp."""
+  n = batch_shards(mesh)
   if batch_size <= 0 or batch_size % n:
-    raise ValueError(f"{field}={batch_size} must be a positive multiple of the local device count ({n})")
+    raise ValueError(f"{field}={batch_size} must be a positive multiple of the batch shards (mesh.data × "
+                     f"mesh.fsdp = {mesh.shape['data']} × {mesh.shape['fsdp']} = {n})")
   return batch_size // n
 
 
-def shard_batch(batch: Any, field: str = "batch"):
-  """Reshapes every leaf's leading axis B -> (devices, B / devices); ValueError naming `field` if not divisible."""
-  n = device_count()
+def put_batch(mesh: Mesh, host_batch: Any, field: str = "batch") -> Any:
+  """This process's rows of a global batch (every host builds the same global rows and keeps its contiguous slice,
+  as data.py's loaders do) -> global jax.Arrays sharded over ("data", "fsdp"); ValueError naming `field`."""
+  sharding, procs = batch_sharding(mesh), jax.process_count()
 
-  def _shard(x):
+  def put(x):
     x = np.asarray(x)
-    check_divisible(x.shape[0], field)
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    check_divisible(x.shape[0] * procs, field, mesh)
+    return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * procs,) + x.shape[1:])
 
-  return jax.tree.map(_shard, batch)
+  return jax.tree.map(put, host_batch)
 
 
-def unshard(tree):
-  """Inverse of `shard_batch` for device outputs: (devices, b, ...) -> (devices * b, ...) host arrays."""
-  return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), tree)
+def put_global_batch(mesh: Mesh, batch: Any, field: str = "batch") -> Any:
+  """A batch every process holds in full (e.g. evaluation prompts) -> global arrays sharded over ("data", "fsdp")."""
+  for x in jax.tree.leaves(batch):
+    check_divisible(np.shape(x)[0], field, mesh)
+  return shard_tree(batch, jax.tree.map(lambda _: batch_sharding(mesh), batch))
+
+
+def to_host(tree: Any) -> Any:
+  """Host numpy copies of a tree of global arrays (process_allgather only for arrays no process holds in full)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(get, tree)
+
+
+def local_rows(tree: Any) -> Any:
+  """This process's rows of batch-sharded arrays as host numpy (the rows its loader produced), no collective."""
+  def get(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    shards = {s.index[0].start or 0: s for s in x.addressable_shards}  # tensor replicas share a start row
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)], axis=0)
+
+  return jax.tree.map(get, tree)
+
+
+# ------------------------------------------------------------------------------------------ compiled functions
+
+
+def jit(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argnums: Sequence[int] = ()) -> Callable:
+  """`fn` (written for the global batch) compiled over the mesh the shardings name: GSPMD partitions it.
+
+  `in_shardings`/`out_shardings` are pytree prefixes of NamedShardings; None for an argument means "as the
+  argument is already laid out". Arguments in `donate_argnums` (the train state) are updated in place.
+  """
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=tuple(donate_argnums))
+
+
+def cache_constraint(mesh: Mesh) -> Callable[[Any], Any]:
+  """A function pinning a KV cache (model.init_cache's tree) inside a jitted sampler: keys/values
+  (B, K, E|S, S|E) over batch shards and kv heads, segment ids (B, S) over batch shards, the index replicated."""
+  batch = BATCH_AXES if batch_shards(mesh) > 1 else None
+
+  def spec(x):
+    shape = np.shape(x)
+    if len(shape) == 4:
+      kv = "tensor" if mesh.shape["tensor"] > 1 and shape[1] % mesh.shape["tensor"] == 0 else None
+      return PartitionSpec(batch if shape[0] % batch_shards(mesh) == 0 else None, kv)
+    if len(shape) == 2:
+      return PartitionSpec(batch if shape[0] % batch_shards(mesh) == 0 else None)
+    return PartitionSpec()
+
+  def constrain(cache):
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(x))), cache)
+
+  return constrain
+
+
+# ------------------------------------------------------------------------------------------ processes
 
 
 def agree_with_process_0(flag: bool) -> bool:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import evaluate, lora, metrics, ppo, rankings, stages, tasks
+from rlhf_jax import evaluate, lora, metrics, parallel, ppo, rankings, stages, tasks
 from rlhf_jax.tokenizer import train_tokenizer
 
 
@@ -93,6 +93,7 @@ def config() -> ml_collections.ConfigDict:
       num_prompts=200,  # held-out prompts per policy
       samples_per_prompt=4,  # temperature-1 samples per prompt (sampled metrics, RM score, KL are their means)
       seed=0))  # sampling seed of the evaluation
+  cfg.mesh = parallel.mesh_config()  # every stage's device mesh (and the evaluation's)
   return cfg
 
 
@@ -141,7 +142,8 @@ def _comparisons(cfg, workdir, task_cfg, paths, sft_dir: str, split: str) -> str
   K = task_cfg.num_candidates
   texts, _ = evaluate.generate(params, model, tok, [p for p in prompts for _ in range(K)],
                                prompt_len=cfg.rl.data.prompt_len, max_new_tokens=cfg.ppo.max_new_tokens,
-                               greedy=False, temperature=cfg.comparisons.temperature, seed=7 if split == "train" else 8)
+                               greedy=False, temperature=cfg.comparisons.temperature, seed=7 if split == "train" else 8,
+                               mesh=parallel.make_mesh(cfg.mesh))
   rng = np.random.default_rng([task_cfg.seed, 7 if split == "train" else 8])
   records = []
   for i, prompt in enumerate(prompts):
@@ -187,7 +189,7 @@ def base_stages(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dic
   # ---- data and tokenizer
   task_cfg, paths = _task_data(cfg, workdir)
   tok_path = _tokenizer(cfg, workdir, paths)
-  common = ml_collections.ConfigDict({"model": cfg.model, "tokenizer": {"path": tok_path}})
+  common = ml_collections.ConfigDict({"model": cfg.model, "tokenizer": {"path": tok_path}, "mesh": cfg.mesh})
   # ---- pretrain -> SFT
   stages.run_lm(_stage_cfg(stages.lm_config("pretrain"), ml_collections.ConfigDict(
       {**common, **cfg.pretrain, "data": {**cfg.pretrain.data, "train": paths["corpus"]}})), dirs["pretrain"],
@@ -210,7 +212,7 @@ def base_stages(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dic
 def ppo_stage_config(cfg: ml_collections.ConfigDict, dirs: dict, paths: dict) -> ml_collections.ConfigDict:
   """The PPO experiment's config with the pipeline's rl/ppo groups, from its SFT against its RM."""
   return _stage_cfg(ppo.config(), ml_collections.ConfigDict(
-      {**cfg.rl, "ppo": {**cfg.ppo, "reward_from": dirs["reward"]},
+      {**cfg.rl, "mesh": cfg.mesh, "ppo": {**cfg.ppo, "reward_from": dirs["reward"]},
        "data": {**cfg.rl.data, "prompts": paths["rl_prompts"], "ptx": paths["corpus"]},
        "train": {**cfg.rl.train, "init_from": dirs["sft"]}}))
 
@@ -218,6 +220,7 @@ def ppo_stage_config(cfg: ml_collections.ConfigDict, dirs: dict, paths: dict) ->
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) every stage, evaluates every policy on held-out prompts, writes table, plots, report."""
   t0 = time.perf_counter()
+  mesh = parallel.make_mesh(cfg.mesh)  # a bad mesh fails before anything is written
   if cfg.rl_reward not in ("rm", "oracle"):
     raise ValueError(f"config rl_reward={cfg.rl_reward!r}; expected 'rm' or 'oracle'")
   dirs, paths = base_stages(cfg, workdir)
@@ -225,7 +228,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   ppo.run(ppo_stage_config(cfg, dirs, paths), dirs["ppo"], extra_metrics=oracle_metrics,
           reward_fn=oracle_reward if cfg.rl_reward == "oracle" else None)
   # ---- held-out evaluation of every policy
-  results = evaluate_all(cfg, workdir, dirs, paths)
+  results = evaluate_all(cfg, workdir, dirs, paths, mesh)
   results["reward_heldout_accuracy"] = _last_eval(dirs["reward"], "eval_accuracy")
   results["minutes"] = (time.perf_counter() - t0) / 60
   write_report(workdir, dirs, results, cfg)
@@ -237,7 +240,7 @@ def heldout_prompts(cfg: ml_collections.ConfigDict, paths: dict) -> list[str]:
   return [json.loads(line)["prompt"] for line in open(paths["heldout_prompts"])][:cfg.eval.num_prompts]
 
 
-def evaluate_all(cfg, workdir: str, dirs: dict, paths: dict) -> dict:
+def evaluate_all(cfg, workdir: str, dirs: dict, paths: dict, mesh=None) -> dict:
   """Held-out metrics per policy (pretrain, SFT, PPO) against the SFT reference and the trained RM."""
   prompts = heldout_prompts(cfg, paths)
   sft_cfg, sft_params, tok = stages.load_policy(dirs["sft"])
@@ -249,7 +252,7 @@ def evaluate_all(cfg, workdir: str, dirs: dict, paths: dict) -> dict:
     out["stages"][stage] = evaluate.evaluate_policy(
         params, model, tok, prompts, oracle=tasks.oracle_score, exact=tasks.is_exact,
         prompt_len=cfg.rl.data.prompt_len, max_new_tokens=cfg.ppo.max_new_tokens, ref_params=sft_params,
-        reward_fn=reward_fn, seed=cfg.eval.seed, samples_per_prompt=cfg.eval.samples_per_prompt)
+        reward_fn=reward_fn, seed=cfg.eval.seed, samples_per_prompt=cfg.eval.samples_per_prompt, mesh=mesh)
   return out
 
 

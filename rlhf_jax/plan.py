@@ -6,11 +6,9 @@ peak per device = max over the stage's functions of (arguments + outputs - alias
 function's arguments include the state that lives through the stage (parameters, optimizer moments, frozen
 networks), so the largest one bounds what a device holds at once.
 
-ADAPTER (until the `shard` branch's jit-over-a-mesh API is merged): today's step functions are per-device
-functions with collectives over `parallel.AXIS`; `_global` runs one as the global function under jit by
-vmapping it over a leading axis of size 1 named `parallel.AXIS` (the collectives become identities), and the
-parameters / batch get NamedShardings from the logical axis names (model.py) through `RULES` (a copy of shard's
-table). After the merge, `_lm_functions` / `_ppo_functions` take the stages' own jitted functions and shardings.
+The functions are the stages' own, compiled over the mesh by the same calls the stages make
+(trainer.compile_steps, ppo.compile_steps, sampling.make_sampler), with the shardings of parallel.py's rule table;
+only their arguments are abstract (ShapeDtypeStructs carrying those shardings).
 """
 from __future__ import annotations
 
@@ -19,15 +17,12 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import losses, model, optimizer, parallel, ppo, sampling, trainer
+from rlhf_jax import lora, losses, model, optimizer, parallel, ppo, sampling, trainer
 from rlhf_jax.model import TransformerConfig
 
 GIB = 1024 ** 3
@@ -42,11 +37,6 @@ PRESETS = {
                                    num_layers=32, max_len=8192, family="llama", tie_embeddings=False,
                                    rope_theta=500000.0, norm_eps=1e-5),
 }
-RULES = (("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
-         ("head_dim", None), ("positions", None), ("norm", None), ("scalar", None), ("layers", None))
-BATCH = ("data", "fsdp")  # the mesh axes a batch's rows are split over
-
-
 def model_config(spec: str, overrides: dict | None = None) -> TransformerConfig:
   """A preset name or `hf:DIR` (only DIR/config.json is read), with TransformerConfig field overrides."""
   if spec.startswith("hf:"):
@@ -63,118 +53,130 @@ def model_config(spec: str, overrides: dict | None = None) -> TransformerConfig:
   return dataclasses.replace(cfg, **(overrides or {}))
 
 
-def make_mesh(devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
-  """A (data, fsdp, tensor) mesh over the first `devices` devices; data=-1 takes what the others leave."""
-  if data == -1:
-    data = devices // (fsdp * tensor) if devices % (fsdp * tensor) == 0 else 0
-  if data <= 0 or data * fsdp * tensor != devices or devices > jax.device_count():
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} must multiply to --devices={devices} "
-                     f"(<= the {jax.device_count()} simulated devices)")
-  return Mesh(np.array(jax.devices()[:devices]).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
+def _batch(mesh, shapes: dict) -> dict:
+  """Abstract batch arrays (ShapeDtypeStructs) split over the batch shards ("data", "fsdp")."""
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh))
+          for k, (shape, dtype) in shapes.items()}
 
 
-def _spec(mesh: Mesh, logical: PartitionSpec, shape) -> PartitionSpec:
-  """Mesh spec of one parameter (leading vmap axis unsharded); a dimension its mesh axis does not divide stays
-  whole (replicated) rather than failing the plan."""
-  table = dict(RULES)
-  out = []
-  for name, dim in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
-    axis = table.get(name)
-    out.append(axis if axis and dim % mesh.shape[axis] == 0 else None)
-  return PartitionSpec(None, *out)
+def _lm_batch(mesh, B: int, L: int) -> dict:
+  return _batch(mesh, {k: ((B, L), jnp.float32 if k == "loss_mask" else jnp.int32)
+                       for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")})
 
 
-def _abstract(mesh: Mesh, shapes, logical=None, batch: bool = False):
-  """ShapeDtypeStructs with a leading axis of 1 (the vmap adapter) and their NamedShardings: parameters by
-  logical names, batches split over BATCH on their first axis, anything else replicated."""
-  def one(x, spec):
-    shape = (1,) + tuple(x.shape)
-    if batch and x.ndim:
-      p = PartitionSpec(None, BATCH)
-    elif spec is not None and x.ndim:
-      p = _spec(mesh, spec, x.shape)
-    else:
-      p = PartitionSpec()
-    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=NamedSharding(mesh, p))
-  if logical is None:
-    return jax.tree.map(lambda x: one(x, None), shapes)
-  return jax.tree.map(one, shapes, logical, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+def _placed(abstract, shardings):
+  return parallel.with_shardings(abstract, shardings)
 
 
-def _global(fn: Callable, donate: tuple = ()) -> Callable:
-  """ADAPTER: a per-device step (collectives over parallel.AXIS) as one jitted global function."""
-  return jax.jit(jax.vmap(fn, axis_name=parallel.AXIS), donate_argnums=donate)
+def _supervised(mesh, trainable_fn: Callable, specs, loss_fn, stage_cfg, batch: dict, base=None, base_specs=None):
+  """(name, jitted, abstract args) of a supervised stage's train_step and eval_step (trainer.compile_steps), the
+  state built from `trainable_fn` (abstract), a frozen LoRA base if given."""
+  tx = optimizer.make_optimizer(stage_cfg.opt, stage_cfg.train.num_steps)
+  abstract = jax.eval_shape(lambda: trainer.create_state(trainable_fn(), tx, 0))
+  state_sh = parallel.state_shardings(mesh, abstract, specs)
+  base_sh = None if base is None else parallel.param_shardings(mesh, base, base_specs)
+  p_train, p_eval = trainer.compile_steps(loss_fn, mesh, state_sh, base_sh)
+  state, frozen = _placed(abstract, state_sh), () if base is None else (_placed(base, base_sh),)
+  return [("train_step", p_train, (state, batch, *frozen)), ("eval_step", p_eval, (state.params, batch, *frozen))]
 
 
-def _logical_state(boxed_fn: Callable, make_state: Callable) -> Any:
-  """Logical specs of a whole state built from boxed params (optax moments inherit the params' boxes)."""
-  return nn.get_partition_spec(jax.eval_shape(lambda: make_state(boxed_fn())))
+def _lora(stage_cfg):
+  return lora.Spec.from_config(stage_cfg.lora) if "lora" in stage_cfg else lora.Spec()
 
 
 def _lm_functions(mesh, cfg: TransformerConfig, stage_cfg) -> list[tuple[str, Callable, tuple]]:
-  """(name, jitted function, abstract arguments) of pretraining / SFT: train_step and eval_step."""
-  tx = optimizer.make_optimizer(stage_cfg.opt, stage_cfg.train.num_steps)
-  key = jax.random.PRNGKey(0)
-  make = lambda params: trainer.create_state(params, tx, 0)
-  shapes = jax.eval_shape(lambda: make(model.init_params(cfg, key)))
-  state = _abstract(mesh, shapes, _logical_state(lambda: model.boxed_params(cfg, key), make))
-  B, L = stage_cfg.data.batch_size, stage_cfg.data.seq_len
-  ints = jax.ShapeDtypeStruct((B, L), jnp.int32)
-  batch = _abstract(mesh, {k: ints for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")},
-                    batch=True)
+  """Pretraining / SFT: train_step and eval_step (with `lora.rank` > 0: adapters on a frozen base)."""
+  key, spec = jax.random.PRNGKey(0), _lora(stage_cfg)
+  axes = model.logical_axes(lambda: model.boxed_params(cfg, key))
+  params = jax.eval_shape(lambda: model.init_params(cfg, key))
+  batch = _lm_batch(mesh, stage_cfg.data.batch_size, stage_cfg.data.seq_len)
   loss_fn = functools.partial(losses.lm_loss, cfg=cfg)
-  return [("train_step", _global(functools.partial(trainer.train_step, loss_fn=loss_fn), (0,)), (state, batch)),
-          ("eval_step", _global(functools.partial(trainer.eval_step, loss_fn=loss_fn)), (state.params, batch))]
+  if not spec.enabled:
+    return _supervised(mesh, lambda: model.init_params(cfg, key), axes, loss_fn, stage_cfg, batch)
+  trainable = lambda: lora.split(params, spec, key)[0]
+  adapters = jax.eval_shape(trainable)
+  specs = {"adapters": lora.adapter_axes(axes, adapters["adapters"], spec)}
+  return _supervised(mesh, trainable, specs, lora.with_base(loss_fn, spec), stage_cfg, batch, params, axes)
+
+
+def _reward_functions(mesh, cfg: TransformerConfig, stage_cfg) -> list[tuple[str, Callable, tuple]]:
+  """The reward model's train_step and eval_step: Bradley–Terry on batches of K responses × seq_len rows (one
+  record per element), the backbone + a ScalarHead (LoRA: adapters + head on a frozen backbone)."""
+  from rlhf_jax import stages
+  key, spec, d = jax.random.PRNGKey(0), _lora(stage_cfg), stage_cfg.data
+  B, K, L = d.batch_size, d.max_responses, d.seq_len
+  i32 = jnp.int32
+  batch = _batch(mesh, {"tokens": ((B, K, L), i32), "positions": ((B, K, L), i32), "segment_ids": ((B, K, L), i32),
+                        "response_idx": ((B, K, L), i32), "last_idx": ((B, 1, K), i32), "rank": ((B, 1, K), i32),
+                        "valid": ((B, 1, K), i32)})
+  loss_fn = functools.partial(losses.reward_loss, cfg=cfg, lm_coef=float(stage_cfg.loss.lm_coef))
+  fresh = lambda: stages.fresh_reward_params(cfg, key)
+  specs = stages.reward_axes(cfg)
+  if not spec.enabled:
+    return _supervised(mesh, fresh, specs, loss_fn, stage_cfg, batch)
+  full = jax.eval_shape(fresh)
+  trainable = lambda: lora.split(full, spec, key, "backbone")[0]
+  adapters = jax.eval_shape(trainable)
+  specs = {"adapters": lora.adapter_axes(specs["backbone"], adapters["adapters"], spec), "head": specs["head"]}
+  return _supervised(mesh, trainable, specs, lora.with_base(loss_fn, spec, "backbone"), stage_cfg, batch,
+                     full["backbone"], stages.reward_axes(cfg)["backbone"])
 
 
 def _ppo_functions(mesh, cfg: TransformerConfig, stage_cfg) -> list[tuple[str, Callable, tuple]]:
   """The PPO iteration's sampler, score_rollout and ppo_update (with the ptx batch when ppo.ptx_coef > 0), all
-  four networks (value and RM: the policy's shape + a ScalarHead)."""
-  c, hyper, key = stage_cfg, ppo.Hyper.from_config(stage_cfg.ppo), jax.random.PRNGKey(0)
-  models = ppo.Models(cfg, cfg, cfg)
+  four networks (value and RM: the policy's shape + a ScalarHead; no value network for RLOO/GRPO), through
+  ppo.compile_steps; `lora.rank` > 0: adapters for policy and value on the frozen reference / RM."""
+  from rlhf_jax import stages
+  c, hyper, key, spec = stage_cfg, ppo.Hyper.from_config(stage_cfg.ppo), jax.random.PRNGKey(0), _lora(stage_cfg)
+  models = ppo.Models(cfg, cfg, cfg, spec, "reward")
   tx = optimizer.make_optimizer(c.opt, c.train.num_steps * hyper.ppo_epochs * hyper.minibatches)
-  scored = lambda p, h: {"backbone": p, "head": h}
-  boxed_rm = lambda: scored(model.boxed_params(cfg, key), model.boxed_head_params(cfg, key))
-  make = lambda pv: ppo.PPOState(jnp.int32(0), ppo.Trainable(*pv), tx.init(ppo.Trainable(*pv)), key)
-  plain = lambda: (model.init_params(cfg, key), scored(model.init_params(cfg, key), nn.unbox(
-      model.boxed_head_params(cfg, key))))
-  state = _abstract(mesh, jax.eval_shape(lambda: make(plain())),
-                    _logical_state(lambda: (model.boxed_params(cfg, key), boxed_rm()), make))
-  frozen_shapes = jax.eval_shape(lambda: ppo.Frozen(*plain()))
-  frozen = _abstract(mesh, frozen_shapes, nn.get_partition_spec(jax.eval_shape(
-      lambda: ppo.Frozen(model.boxed_params(cfg, key), boxed_rm()))))
+  policy = jax.eval_shape(lambda: model.init_params(cfg, key))
+  rm = jax.eval_shape(lambda: stages.fresh_reward_params(cfg, key))
+  value = rm if hyper.critic else None
+
+  def trainable():
+    if not spec.enabled:
+      return ppo.Trainable(policy=policy, value=value)
+    return ppo.Trainable(policy=lora.split(policy, spec, key)[0],
+                         value=None if value is None else lora.split(value, spec, key, "backbone")[0])
+
+  abstract = jax.eval_shape(lambda: ppo.PPOState(jnp.int32(0), trainable(), tx.init(trainable()), key))
+  trained_axes, frozen_axes = ppo.network_axes(models, rm, value, abstract.params)
+  state_sh = parallel.state_shardings(mesh, abstract, trained_axes)
+  frozen_abstract = ppo.Frozen(ref=policy, reward=rm)
+  frozen = _placed(frozen_abstract, parallel.state_shardings(mesh, frozen_abstract, frozen_axes))
+  state = _placed(abstract, state_sh)
   B, P = c.ppo.rollout_batch, c.data.prompt_len
-  prompts = _abstract(mesh, {"t": jax.ShapeDtypeStruct((B, P), jnp.int32)}, batch=True)["t"]
-  scalar = _abstract(mesh, jax.ShapeDtypeStruct((), jnp.float32))
-  rng = _abstract(mesh, jax.ShapeDtypeStruct((2,), jnp.uint32))
-  sampler = sampling.make_sampler(_global, cfg, max_new_tokens=c.ppo.max_new_tokens, temperature=c.ppo.temperature,
+  prompts = _batch(mesh, {"t": ((B, P), jnp.int32)})["t"]
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  rng = jax.eval_shape(lambda: key)
+  sampler = sampling.make_sampler(mesh, cfg, max_new_tokens=c.ppo.max_new_tokens, temperature=c.ppo.temperature,
                                   eos_id=1, pad_id=0)
-  samples = _abstract(mesh, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), jax.eval_shape(
-      sampler, state.params.policy, prompts, prompts, rng)), batch=True)
-  score = _global(functools.partial(ppo.score_rollout, models=models, ppo=hyper))
-  rollout = jax.eval_shape(score, state.params, frozen, samples, scalar, scalar)[0]
-  rollout = _abstract(mesh, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), rollout), batch=True)
-  ptx = None
-  if hyper.ptx_coef > 0:  # the pretraining-mix batch of PPO-ptx
-    ints = jax.ShapeDtypeStruct((c.data.ptx_batch_size, c.data.ptx_seq_len), jnp.int32)
-    ptx = _abstract(mesh, {k: ints for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")},
-                    batch=True)
-  update = _global(functools.partial(ppo.ppo_update, tx=tx, models=models, ppo=hyper), (0,))
-  return [("sampler", sampler, (state.params.policy, prompts, prompts, rng)),
-          ("score_rollout", score, (state.params, frozen, samples, scalar, scalar)),
-          ("ppo_update", update, (state, rollout, ptx))]
+  p_score, p_update = ppo.compile_steps(mesh, state_sh, tx, models, hyper)
+  sampled_policy = frozen.ref if spec.enabled else state.params.policy  # LoRA: the merged policy, the base's layout
+  samples = jax.eval_shape(sampler, sampled_policy, prompts, prompts, rng)
+  samples = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh)),
+                         samples)
+  rollout = jax.eval_shape(p_score, state.params, frozen, samples, scalar, scalar)[0]
+  rollout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh)),
+                         rollout)
+  ptx = _lm_batch(mesh, c.data.ptx_batch_size, c.data.ptx_seq_len) if hyper.ptx_coef > 0 else None
+  lora_frozen = frozen if spec.enabled else None
+  return [("sampler", sampler, (sampled_policy, prompts, prompts, rng)),
+          ("score_rollout", p_score, (state.params, frozen, samples, scalar, scalar)),
+          ("ppo_update", p_update, (state, rollout, ptx, scalar, lora_frozen))]
 
 
-STAGES = {"pretrain": _lm_functions, "sft": _lm_functions, "ppo": _ppo_functions}
+STAGES = {"pretrain": _lm_functions, "sft": _lm_functions, "reward": _reward_functions, "ppo": _ppo_functions}
 
 
-def plan(stage: str, cfg: TransformerConfig, stage_cfg, mesh: Mesh, device_memory_gib: float) -> list[str]:
+def plan(stage: str, cfg: TransformerConfig, stage_cfg, mesh, device_memory_gib: float) -> list[str]:
   """Compiles every function of `stage` on `mesh`; returns the report lines (the last: the peak and the verdict)."""
   if stage not in STAGES:
-    raise ValueError(f"--stage={stage!r}: expected one of {sorted(STAGES)} (reward: not yet planned)")
+    raise ValueError(f"--stage={stage!r}: expected one of {sorted(STAGES)}")
   lines = [f"{stage} on mesh {dict(mesh.shape)}: {cfg.family} D={cfg.d_model} layers={cfg.num_layers} "
            f"V={cfg.vocab_size} params {cfg.param_dtype}, compute {cfg.dtype}, scan_layers={cfg.scan_layers}, "
-           f"remat={cfg.remat}"]
+           f"remat={cfg.remat}" + (f", LoRA rank {stage_cfg.lora.rank}" if _lora(stage_cfg).enabled else "")]
   peak = 0
   for name, fn, args in STAGES[stage](mesh, cfg, stage_cfg):
     t0 = time.perf_counter()
@@ -198,10 +200,8 @@ def stage_config(stage: str):
   import ml_collections
   from rlhf_jax import stages
   if stage not in STAGES:
-    raise ValueError(f"--stage={stage!r}: expected one of {sorted(STAGES)} (reward: not yet planned)")
-  cfg = ppo.config() if stage == "ppo" else stages.lm_config(stage)
-  if "mesh" not in cfg:
-    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    raise ValueError(f"--stage={stage!r}: expected one of {sorted(STAGES)}")
+  cfg = {"ppo": ppo.config, "reward": stages.reward_config}.get(stage, lambda: stages.lm_config(stage))()
   if "model" not in cfg:
     cfg.model = ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", scan_layers=False,
                                                remat="none", attention="auto"))
@@ -211,5 +211,8 @@ def stage_config(stage: str):
 def run(stage: str, spec: str, devices: int, device_memory_gib: float, cfg) -> list[str]:
   """The planner's entry point: model from `spec` with cfg.model's run fields, the mesh of cfg.mesh, the plan."""
   m = model_config(spec, {f: cfg.model[f] for f in MODEL_FIELDS if f in cfg.model})
-  mesh = make_mesh(devices, cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  if devices > jax.device_count():
+    raise ValueError(f"--devices={devices} exceeds the {jax.device_count()} simulated devices")
+  mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:devices])
+  parallel.check_model(m, mesh, f"--model={spec!r}:")
   return plan(stage, m, cfg, mesh, device_memory_gib)

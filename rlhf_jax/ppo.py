@@ -3,8 +3,9 @@
 Objective (InstructGPT): maximise E_{x~D_RL, y~π}[RM(x,y) − β·log(π(y|x)/π_SFT(y|x))] + γ·E_{x~D_pretrain}[log π(x)].
 Per token t of a response: r_t = −β·kl_t (+ RM score on the last token), kl_t from `rl.kl_estimate` with the
 configured estimator (k1 = log π − log π_SFT by default). GAE(γ_rl, λ) on the value network's V_t; advantages
-optionally whitened over the whole rollout batch (all devices). The update scans epochs × minibatches in one jit:
-L = L_clip(ρ, A, ε) + c_vf·L_V(ε_vf) − γ·(1/N_ptx)·Σ log π(x_ptx), gradients pmean'ed over devices.
+optionally whitened over the whole rollout batch. The update scans epochs × minibatches in one jit:
+L = L_clip(ρ, A, ε) + c_vf·L_V(ε_vf) − γ·(1/N_ptx)·Σ log π(x_ptx). Score and update are written for the global
+batch and compiled over the device mesh (parallel.jit): all four networks sharded by their logical axes.
 The critic-free methods (`ppo.advantage`, see ppo_config.py) sample every prompt G = `ppo.group_size` times:
 RLOO's advantage is the RM score minus the mean of the other G − 1 scores of its prompt (a Bradley–Terry RM's
 per-prompt level is arbitrary), then the reward-to-go of the KL-shaped rewards; GRPO's is `rl.group_advantages`
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,72 +32,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
 
 from rlhf_jax import advantages, checkpoint, data, lora, losses, metrics, optimizer, parallel, rl, sampling, trainer
 from rlhf_jax.advantages import global_whiten, group_baselined  # noqa: F401  (re-exported)
 from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig
 from rlhf_jax.ppo_config import Hyper, config, ppo_config  # noqa: F401  (re-exported: ppo.Hyper, ppo.config, ...)
-
-
-@struct.dataclass
-class Trainable:
-  """The trained parameter groups: policy (Transformer) and value ({"backbone", "head"}; None for RLOO)."""
-  policy: Any
-  value: Any
-
-
-@struct.dataclass
-class Frozen:
-  """The frozen parameter groups: reference policy (SFT) and reward model ({"backbone", "head"})."""
-  ref: Any
-  reward: Any
-
-
-@struct.dataclass
-class PPOState:
-  """Everything the update changes: iteration counter, trainable params, optimizer state, base RNG."""
-  step: jax.Array
-  params: Trainable
-  opt_state: Any
-  rng: jax.Array
-
-
-@struct.dataclass
-class Rollout:
-  """One scored rollout batch: sequences for the forward passes and per-response-token PPO targets."""
-  sequence_BxS: jax.Array  # prompt (left-padded, P slots) + response (T slots)
-  segment_ids_BxS: jax.Array  # 1 on real tokens, 0 on padding
-  positions_BxS: jax.Array
-  mask_BxT: jax.Array  # response tokens (float32) of the rows the loss counts (dropped groups: 0)
-  old_logp_BxT: jax.Array
-  ref_logp_BxT: jax.Array
-  old_values_BxT: jax.Array
-  advantages_BxT: jax.Array
-  returns_BxT: jax.Array
-
-
-@struct.dataclass(frozen=True)
-class Models:
-  """Static architecture of each network (hashable: part of the compiled functions' identity)."""
-  policy: TransformerConfig = struct.field(pytree_node=False)
-  value: TransformerConfig = struct.field(pytree_node=False)
-  reward: TransformerConfig = struct.field(pytree_node=False)
-  lora: lora.Spec = struct.field(pytree_node=False, default=lora.Spec())  # rank 0: params are the full networks
-  value_base: str = struct.field(pytree_node=False, default="ref")  # LoRA value adapters on "ref" or "reward"
-
-
-def effective(params: Trainable, frozen: Frozen | None, models: Models) -> Trainable:
-  """The full networks: with LoRA, policy = merge(reference, adapters) and value = {merge(base, adapters), head}
-  (base: the reference or the RM backbone, `models.value_base`); without LoRA `params` itself."""
-  spec = models.lora
-  if not spec.enabled:
-    return params
-  value = None
-  if params.value is not None:
-    base = frozen.ref if models.value_base == "ref" else frozen.reward["backbone"]
-    value = lora.join(params.value, base, spec, "backbone")
-  return Trainable(policy=lora.join(params.policy, frozen.ref, spec), value=value)
+from rlhf_jax.ppo_config import check_models, check_sources
+from rlhf_jax.ppo_state import Frozen, Models, PPOState, Rollout, Trainable, effective, network_axes  # noqa: F401
 
 
 def response_logits(params, cfg: TransformerConfig, seq_BxS, seg_BxS, pos_BxS, T: int):
@@ -115,7 +57,7 @@ def values_of(value_params, cfg: TransformerConfig, seq_BxS, seg_BxS, pos_BxS, T
 
 def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, kl_coef, score_offset, score_B=None, *,
                   models: Models, ppo) -> tuple[Rollout, dict]:
-  """Per device: reference log-probs, values, RM scores, shaped rewards, GAE, (whitened) advantages.
+  """Reference log-probs, values, RM scores, shaped rewards, GAE, (whitened) advantages of the global batch.
 
   `samples` must come from `params.policy`: its old log-probs and entropy are the sampler's (`logprobs_BxT`,
   `entropy_BxT`, computed while decoding; equal to a full forward's to float32 rounding), so scoring runs three
@@ -153,7 +95,7 @@ def score_rollout(params: Trainable, frozen: Frozen, samples: sampling.Samples, 
   if ppo.group_size > 1:
     groups = jnp.float32(score_B.shape[0] // ppo.group_size)
     sums["dropped_groups"] = (groups - jnp.sum(keep_B) / ppo.group_size, groups)
-  return rollout, parallel.psum(sums)
+  return rollout, sums
 
 
 def ppo_loss(params: Trainable, mb: dict, rng, *, models: Models, ppo):
@@ -190,7 +132,7 @@ def ppo_loss(params: Trainable, mb: dict, rng, *, models: Models, ppo):
 
 
 def loss_count(mask_BxT, ppo):
-  """This device's denominator of the policy loss: valid tokens (bnpo, dapo) or counted sequences (grpo, dr_grpo)."""
+  """The denominator of the policy loss: valid tokens (bnpo, dapo) or counted sequences (grpo, dr_grpo)."""
   if ppo.loss_agg in ("grpo", "dr_grpo"):
     return jnp.sum(jnp.sum(mask_BxT, axis=1) > 0).astype(jnp.float32)
   return jnp.sum(mask_BxT)
@@ -203,17 +145,19 @@ def _minibatches(tree, perm_b, M: int):
 
 def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, kl_coef=0.0, frozen: Frozen | None = None, *,
                tx: optax.GradientTransformation, models: Models, ppo) -> tuple[PPOState, dict]:
-  """Per device: `ppo_epochs` × `minibatches` clipped PPO(-ptx) steps in one nested lax.scan; metrics (sum, count).
+  """`ppo_epochs` × `minibatches` clipped PPO(-ptx) steps on the global batch in one nested lax.scan; metrics
+  (sum, count). The key is fold_in(fold_in(rng, step), 0): device 0's under the former per-device pmap (one-device
+  runs permute as before), and each epoch permutes the global batch, so results do not depend on the mesh.
 
   `kl_coef` (β, traced) weighs the k3 term of the loss when `ppo.kl_in == "loss"` (ignored otherwise); `frozen`
   (LoRA): the bases the adapters are merged into."""
   M, b = ppo.minibatches, rollout.mask_BxT.shape[0]
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), parallel.device_index())
-  n_global = parallel.psum(loss_count(rollout.mask_BxT, ppo))
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+  n_global = loss_count(rollout.mask_BxT, ppo)
   ptx_mbs = None
   if ptx is not None:  # one pretraining batch per iteration, split over the minibatches, reused each epoch
     ptx_mbs = _minibatches(ptx, jnp.arange(ptx["inputs"].shape[0]), M)
-    ptx_scale = n_global / jnp.maximum(parallel.psum(jnp.sum(ptx["loss_mask"])), 1.0)
+    ptx_scale = n_global / jnp.maximum(jnp.sum(ptx["loss_mask"]), 1.0)
   loss_fn = functools.partial(ppo_loss, models=models, ppo=ppo)
 
   def minibatch(carry, xs):
@@ -235,13 +179,27 @@ def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, kl_coef=0.0,
 
   (params, opt_state), aux = jax.lax.scan(epoch, (state.params, state.opt_state), jnp.arange(ppo.ppo_epochs))
   sums = jax.tree.map(jnp.sum, aux)  # over epochs × minibatches
-  grad_norm = sums.pop("grad_norm")
-  sums = parallel.psum(sums)
-  sums["grad_norm"] = grad_norm
   return PPOState(state.step + 1, params, opt_state, state.rng), sums
 
 
 # ------------------------------------------------------------------------------------------ host side
+
+
+def rollout_key(seed: int, it: int) -> jax.Array:
+  """Iteration `it`'s sampling key for the whole rollout batch: split(fold_in(PRNGKey(seed + 1), it), 1)[0], the
+  key device 0 drew under the former per-device pmap (one-device runs sample as before), on any mesh."""
+  return jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed + 1), it), 1)[0]
+
+
+def compile_steps(mesh, state_sh, tx: optax.GradientTransformation, models: Models, hyper) -> tuple[Callable,
+                                                                                                   Callable]:
+  """(score, update) compiled over `mesh`: rollouts over the batch shards, the state laid out as `state_sh`
+  (donated to the update), metrics replicated; the other inputs keep the layout they come with."""
+  batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  p_score = parallel.jit(functools.partial(score_rollout, models=models, ppo=hyper), None, (batch, rep))
+  p_update = parallel.jit(functools.partial(ppo_update, tx=tx, models=models, ppo=hyper), None, (state_sh, rep),
+                          donate_argnums=(0,))
+  return p_score, p_update
 
 
 def _controller(ppo):
@@ -274,48 +232,30 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   # ---- inputs, validated before anything is written
   hyper = Hyper.from_config(cfg.ppo)
   spec = lora.Spec.from_config(cfg.lora)
-  if cfg.ppo.value_init not in ("reward", "sft"):
-    raise ValueError(f"config ppo.value_init={cfg.ppo.value_init!r}; expected 'reward' or 'sft'")
-  if not cfg.train.init_from:
-    raise ValueError("config train.init_from is empty: give the SFT workdir (policy and reference)")
+  mesh = parallel.make_mesh(cfg.mesh)
+  check_sources(cfg, hyper, reward_fn is not None)
   critic = hyper.critic  # RLOO and GRPO have no value network
-  if not cfg.ppo.reward_from and (reward_fn is None or (critic and cfg.ppo.value_init == "reward")):
-    raise ValueError("config ppo.reward_from is empty: give the reward-model workdir" +
-                     (" (with a reward function it only initialises the value network: or set ppo.value_init="
-                      "'sft')" if reward_fn is not None else ""))
   prompt_files = stages.checked_files(cfg.data.prompts, "data.prompts")
   ptx_files = stages.checked_files(cfg.data.ptx, "data.ptx") if hyper.ptx_coef > 0 else None
   policy_cfg, sft_params, tok = stages.load_policy(cfg.train.init_from)
   tok = stages.chat_tokenizer(cfg, tok)
   rm_cfg, rm_params, offset = (stages.load_reward_model(cfg.ppo.reward_from) if cfg.ppo.reward_from
                                 else (policy_cfg, None, 0.0))
-  if rm_cfg.vocab_size != policy_cfg.vocab_size:
-    raise ValueError(f"reward model {cfg.ppo.reward_from!r} vocab_size={rm_cfg.vocab_size} differs from the "
-                     f"policy's ({policy_cfg.vocab_size}): they must share the tokenizer")
-  total = cfg.data.prompt_len + cfg.ppo.max_new_tokens
-  for name, m in (("policy", policy_cfg), ("reward model", rm_cfg)):
-    if total > m.max_len:
-      raise ValueError(f"config data.prompt_len={cfg.data.prompt_len} + ppo.max_new_tokens="
-                       f"{cfg.ppo.max_new_tokens} = {total} exceeds the {name}'s max_len={m.max_len}")
-  rows = parallel.check_divisible(cfg.ppo.rollout_batch // jax.process_count(), "config ppo.rollout_batch")
-  if rows % hyper.minibatches:
-    raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per device, not "
-                     f"divisible by ppo.minibatches={hyper.minibatches}")
+  check_models(cfg, hyper, mesh, policy_cfg, rm_cfg)
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if rows % hyper.group_size:
-    raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per device, not "
-                     f"divisible by ppo.group_size={hyper.group_size} (a prompt's responses share a device)")
   prompt_loader = data.make_prompt_loader(prompt_files, tok, cfg.data.prompt_len,
                                           cfg.ppo.rollout_batch // hyper.group_size,
                                           cfg.data.seed, workdir, truncate_prompt=cfg.data.truncate,
-                                          batch_field="ppo.rollout_batch / ppo.group_size", **hosts)
+                                          batch_field="ppo.rollout_batch / ppo.group_size",
+                                          local_device_count=1, **hosts)  # prompts are repeated G times, then split
   ptx_loader = None
   if ptx_files:
     ptx_loader = data.make_lm_loader(ptx_files, tok, cfg.data.ptx_seq_len, cfg.data.ptx_batch_size, cfg.data.seed,
-                                     workdir, batch_field="data.ptx_batch_size", **hosts)
-    if (cfg.data.ptx_batch_size // jax.process_count() // parallel.device_count()) % hyper.minibatches:
-      raise ValueError(f"config data.ptx_batch_size={cfg.data.ptx_batch_size}: rows per device must be divisible "
-                       f"by ppo.minibatches={hyper.minibatches}")
+                                     workdir, batch_field="data.ptx_batch_size",
+                                     local_device_count=parallel.local_batch_shards(mesh), **hosts)
+    if parallel.check_divisible(cfg.data.ptx_batch_size, "config data.ptx_batch_size", mesh) % hyper.minibatches:
+      raise ValueError(f"config data.ptx_batch_size={cfg.data.ptx_batch_size}: rows per batch shard must be "
+                       f"divisible by ppo.minibatches={hyper.minibatches}")
 
   # ---- networks and state: resume > SFT/RM init
   if checkpoint.has_checkpoint(workdir):
@@ -335,43 +275,49 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   num_updates = cfg.train.num_steps * hyper.ppo_epochs * hyper.minibatches
   tx = optimizer.make_optimizer(cfg.opt, num_updates)
 
-  def fresh() -> PPOState:
-    params = Trainable(policy=sft_params, value=value_params)
-    if spec.enabled:  # adapters (+ the value head) train; the SFT / RM params stay frozen
-      k1, k2 = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
-      params = Trainable(policy=lora.split(sft_params, spec, k1)[0],
-                         value=None if value_params is None else lora.split(value_params, spec, k2, "backbone")[0])
-    return PPOState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(cfg.train.seed))
+  def trainable() -> Trainable:
+    if not spec.enabled:
+      return Trainable(policy=sft_params, value=value_params)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(cfg.train.seed))  # adapters (+ the value head) train
+    return Trainable(policy=lora.split(sft_params, spec, k1)[0],
+                     value=None if value_params is None else lora.split(value_params, spec, k2, "backbone")[0])
 
+  fresh = lambda: PPOState(jnp.int32(0), trainable(), tx.init(trainable()), jax.random.PRNGKey(cfg.train.seed))
   ctl = _controller(cfg.ppo)
   stages.install_tokenizer(tok, workdir)
+  abstract = jax.eval_shape(fresh)
+  trained_axes, frozen_axes = network_axes(models, rm_params, value_params, abstract.params)
+  state_sh = parallel.state_shardings(mesh, abstract, trained_axes)
+  frozen = Frozen(ref=sft_params, reward=rm_params)
+  frozen = parallel.shard_tree(frozen, parallel.state_shardings(mesh, frozen, frozen_axes))
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
-    state, extra = ckpt.restore(start, jax.eval_shape(fresh))
+    state, extra = ckpt.restore(start, parallel.with_shardings(abstract, state_sh))
     prompt_loader.set_state(extra["data"]["prompts"])
     if ptx_loader is not None:
       ptx_loader.set_state(extra["data"]["ptx"])
     ctl.load_state_dict(extra["data"]["kl"])
     logging.info("ppo: resumed at iteration %d (kl_coef %.4f)", start, ctl.value)
   else:
-    state = fresh()
+    params = parallel.shard_tree(trainable(), state_sh.params)
+    opt_state = parallel.jit(tx.init, (state_sh.params,), state_sh.opt_state)(params)
+    state = PPOState(parallel.shard_tree(np.int32(0), state_sh.step), params, opt_state,
+                     parallel.shard_tree(jax.random.PRNGKey(cfg.train.seed), state_sh.rng))
   meta = {"stage": "ppo", "model": dataclasses.asdict(policy_cfg), "sft": cfg.train.init_from,
           "reward": cfg.ppo.reward_from if reward_fn is None else f"reward_fn {getattr(reward_fn, '__name__', '')}"}
   if spec.enabled:
     meta.update(lora={**spec.meta(), "base_dtype": cfg.lora.base_dtype}, lora_base=cfg.train.init_from)
 
-  # ---- compiled functions (pmapped over local devices)
-  sampler = sampling.make_sampler(parallel.pmap, policy_cfg, max_new_tokens=cfg.ppo.max_new_tokens,
+  # ---- compiled functions (over the mesh)
+  logging.info("ppo: %s", parallel.describe_mesh(mesh))
+  sampler = sampling.make_sampler(mesh, policy_cfg, max_new_tokens=cfg.ppo.max_new_tokens,
                                   temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p,
                                   eos_id=tok.eos_id, pad_id=tok.pad_id)
-  p_score = parallel.pmap(functools.partial(score_rollout, models=models, ppo=hyper))
-  p_update = parallel.pmap(functools.partial(ppo_update, tx=tx, models=models, ppo=hyper), donate_argnums=(0,))
-  p_policy = parallel.pmap(lambda params, frozen: effective(params, frozen, models).policy)  # LoRA: merged to sample
-  n_dev = parallel.device_count()
-  state_R = parallel.replicate(state)
-  frozen_R = parallel.replicate(Frozen(ref=sft_params, reward=rm_params))
-  offset_R = parallel.replicate(np.float32(offset))
+  p_score, p_update = compile_steps(mesh, state_sh, tx, models, hyper)
+  policy_sh = parallel.state_shardings(mesh, frozen.ref, frozen_axes.ref)
+  p_policy = parallel.jit(lambda params, frozen: effective(params, frozen, models).policy, None, policy_sh)
+  sft_params = rm_params = value_params = None  # the host copies go (the sharded ones live in state and frozen)
   writer = metrics.MetricWriter(workdir, resume_step=start)
   progress = metrics.Progress(cfg.train.num_steps, start)
   last: dict = {}
@@ -383,28 +329,28 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       prompts = [p for p in batch.pop("prompts") for _ in range(hyper.group_size)]
       batch = {k: np.repeat(v, hyper.group_size, axis=0) for k, v in batch.items()}
       t0 = time.perf_counter()
-      rngs = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed + 1), it), n_dev)
-      sharded = parallel.shard_batch(batch, "config ppo.rollout_batch")
-      policy_R = p_policy(state_R.params, frozen_R) if spec.enabled else state_R.params.policy
-      samples = sampler(policy_R, sharded["prompt_tokens"], sharded["prompt_mask"], rngs)
+      rng = rollout_key(cfg.train.seed, it)
+      sharded = parallel.put_batch(mesh, batch, "config ppo.rollout_batch")
+      policy = p_policy(state.params, frozen) if spec.enabled else state.params.policy
+      samples = sampler(policy, sharded["prompt_tokens"], sharded["prompt_mask"], rng)
       jax.block_until_ready(samples.tokens_BxT)
       t1 = time.perf_counter()
-      kl_R = parallel.replicate(np.float32(ctl.value))
+      kl = np.float32(ctl.value)
       texts = None
       if extra_metrics or reward_fn or (cfg.ppo.sample_every and it % cfg.ppo.sample_every == 0):
-        texts = [tok.decode(t[:n]) for t, n in zip(parallel.unshard(samples.tokens_BxT),
-                                                   parallel.unshard(samples.lengths_B))]
+        local = parallel.local_rows((samples.tokens_BxT, samples.lengths_B))  # this host's prompts' rows
+        texts = [tok.decode(t[:n]) for t, n in zip(*local)]
       given = None
       if reward_fn is not None:
-        given = parallel.shard_batch({"s": np.asarray(reward_fn(prompts, texts), np.float32).reshape(len(texts))},
-                                     "config ppo.rollout_batch")["s"]
-      rollout, score_sums = p_score(state_R.params, frozen_R, samples, kl_R, offset_R, given)
-      ptx = parallel.shard_batch(next(ptx_loader), "config data.ptx_batch_size") if ptx_loader else None
+        given = parallel.put_batch(mesh, np.asarray(reward_fn(prompts, texts), np.float32).reshape(len(texts)),
+                                   "config ppo.rollout_batch")
+      rollout, score_sums = p_score(state.params, frozen, samples, kl, np.float32(offset), given)
+      ptx = parallel.put_batch(mesh, next(ptx_loader), "config data.ptx_batch_size") if ptx_loader else None
       if it == cfg.train.nan_at_step:
         rollout = rollout.replace(advantages_BxT=rollout.advantages_BxT * np.nan)
-      del policy_R  # LoRA: the merged copy is freed before the update
-      state_R, update_sums = p_update(state_R, rollout, ptx, kl_R, frozen_R if spec.enabled else None)
-      m = _host_metrics({**jax.tree.map(lambda x: x[0], score_sums), **jax.tree.map(lambda x: x[0], update_sums)})
+      del policy  # LoRA: the merged copy is freed before the update
+      state, update_sums = p_update(state, rollout, ptx, kl, frozen if spec.enabled else None)
+      m = _host_metrics({**parallel.to_host(score_sums), **parallel.to_host(update_sums)})
       t2 = time.perf_counter()
       metrics.check_finite(m, it, "ppo")
       m.update(kl_coef=ctl.value, generation_s=t1 - t0, update_s=t2 - t1)
@@ -422,7 +368,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
       if it % cfg.train.checkpoint_every == 0 or it == cfg.train.num_steps:
         extra = {"prompts": prompt_loader.get_state(), "kl": ctl.state_dict(),
                  "ptx": ptx_loader.get_state() if ptx_loader else None}
-        ckpt.save(it, parallel.unreplicate(state_R), {"data": extra, "meta": meta})
+        ckpt.save(it, state, {"data": extra, "meta": meta})
   finally:
     ckpt.close()
     writer.close()

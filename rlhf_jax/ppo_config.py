@@ -19,7 +19,7 @@ import dataclasses
 
 import ml_collections
 
-from rlhf_jax import lora, optimizer, rl, trainer
+from rlhf_jax import lora, optimizer, parallel, rl, trainer
 
 ADVANTAGES = ("gae", "rloo", "grpo")
 KL_IN = ("reward", "loss")
@@ -123,8 +123,8 @@ def ppo_config() -> ml_collections.ConfigDict:
   p.lam = 0.95  # GAE λ
   p.whiten_advantages = True  # normalise gae/rloo advantages over the rollout batch (grpo: scale_rewards)
   p.ppo_epochs = 2  # passes over each rollout batch
-  p.minibatches = 2  # minibatches per epoch (per device rows must divide)
-  p.rollout_batch = 32  # responses per iteration (global; divisible by devices × minibatches)
+  p.minibatches = 2  # minibatches per epoch (rows per batch shard must divide)
+  p.rollout_batch = 32  # responses per iteration (global; divisible by mesh.data × mesh.fsdp × minibatches)
   p.group_size = 1  # responses per prompt (rloo / grpo: the group compared; >= 2)
   p.temperature = 1.0  # rollout sampling temperature
   p.top_k = 0  # rollout top-k (0 = off)
@@ -155,4 +155,38 @@ def config() -> ml_collections.ConfigDict:
   cfg.lora = lora.config()  # rank > 0: policy and value train adapters on the frozen SFT / RM weights
   cfg.train.log_every = 1
   cfg.train.checkpoint_every = 25
+  cfg.mesh = parallel.mesh_config()
   return cfg
+
+
+def check_sources(cfg: ml_collections.ConfigDict, hyper: Hyper, has_reward_fn: bool) -> None:
+  """ValueError naming the field: value_init, the SFT source, and an RM source where one is needed."""
+  if cfg.ppo.value_init not in ("reward", "sft"):
+    raise ValueError(f"config ppo.value_init={cfg.ppo.value_init!r}; expected 'reward' or 'sft'")
+  if not cfg.train.init_from:
+    raise ValueError("config train.init_from is empty: give the SFT workdir (policy and reference)")
+  if not cfg.ppo.reward_from and (not has_reward_fn or (hyper.critic and cfg.ppo.value_init == "reward")):
+    raise ValueError("config ppo.reward_from is empty: give the reward-model workdir" +
+                     (" (with a reward function it only initialises the value network: or set ppo.value_init="
+                      "'sft')" if has_reward_fn else ""))
+
+
+def check_models(cfg: ml_collections.ConfigDict, hyper: Hyper, mesh, policy_cfg, rm_cfg) -> int:
+  """The loaded policy and RM against the mesh, each other and the rollout shape; returns rows per batch shard."""
+  parallel.check_model(policy_cfg, mesh, f"the policy of train.init_from={cfg.train.init_from!r}: model")
+  parallel.check_model(rm_cfg, mesh, f"the reward model of ppo.reward_from={cfg.ppo.reward_from!r}: model")
+  if rm_cfg.vocab_size != policy_cfg.vocab_size:
+    raise ValueError(f"reward model {cfg.ppo.reward_from!r} vocab_size={rm_cfg.vocab_size} differs from the "
+                     f"policy's ({policy_cfg.vocab_size}): they must share the tokenizer")
+  total = cfg.data.prompt_len + cfg.ppo.max_new_tokens
+  for name, m in (("policy", policy_cfg), ("reward model", rm_cfg)):
+    if total > m.max_len:
+      raise ValueError(f"config data.prompt_len={cfg.data.prompt_len} + ppo.max_new_tokens="
+                       f"{cfg.ppo.max_new_tokens} = {total} exceeds the {name}'s max_len={m.max_len}")
+  rows = parallel.check_divisible(cfg.ppo.rollout_batch, "config ppo.rollout_batch", mesh)
+  for field, value, why in (("ppo.minibatches", hyper.minibatches, ""),
+                            ("ppo.group_size", hyper.group_size, " (a prompt's responses share a shard)")):
+    if rows % value:
+      raise ValueError(f"config ppo.rollout_batch={cfg.ppo.rollout_batch} gives {rows} rows per batch shard, not "
+                       f"divisible by {field}={value}{why}")
+  return rows

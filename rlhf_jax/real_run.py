@@ -18,7 +18,7 @@ import time
 import ml_collections
 from absl import logging
 
-from rlhf_jax import evaluate, lora, pipeline, ppo, stages, tasks
+from rlhf_jax import evaluate, lora, parallel, pipeline, ppo, stages, tasks
 from rlhf_jax.model import to_layout
 
 STAGES = ("gguf", "sft", "rl")  # table rows: the untouched checkpoint, after SFT, after RL
@@ -88,6 +88,7 @@ def config() -> ml_collections.ConfigDict:
       samples_per_prompt=2,  # temperature-1 samples per prompt (sampled metrics, RM score, KL are their means)
       max_new_tokens=48,  # response budget of the evaluation (the untouched model explains before it answers)
       seed=0))  # sampling seed of the evaluation
+  cfg.mesh = parallel.mesh_config()  # every stage's device mesh (and the evaluation's): --config.mesh.fsdp=8 ...
   return cfg
 
 
@@ -121,7 +122,7 @@ def _task_data(cfg, workdir: str) -> dict:
 
 
 def _common(cfg) -> dict:
-  return {"model": cfg.model.to_dict(), "tokenizer": cfg.tokenizer.to_dict()}
+  return {"model": cfg.model.to_dict(), "tokenizer": cfg.tokenizer.to_dict(), "mesh": cfg.mesh.to_dict()}
 
 
 def train_stages(cfg, workdir: str, paths: dict) -> tuple[dict, dict]:
@@ -162,7 +163,8 @@ def evaluate_stages(cfg, workdir: str, dirs: dict, paths: dict) -> dict:
     out[stage] = evaluate.evaluate_policy(
         params, sft_cfg, tok, prompts, oracle=tasks.oracle_score, exact=tasks.is_exact,
         prompt_len=cfg.rl.data.prompt_len, max_new_tokens=cfg.eval.max_new_tokens, ref_params=sft_params,
-        reward_fn=reward_fn, seed=cfg.eval.seed, samples_per_prompt=cfg.eval.samples_per_prompt)
+        reward_fn=reward_fn, seed=cfg.eval.seed, samples_per_prompt=cfg.eval.samples_per_prompt,
+        mesh=parallel.make_mesh(cfg.mesh))
     out[stage]["eval_s"] = time.perf_counter() - t0
     logging.info("eval %s: %s", stage, {k: v for k, v in out[stage].items() if k != "examples"})
     with open(path, "w") as f:

@@ -18,8 +18,9 @@ path's log-probs equal the full forward's to float32 rounding (max |diff| 1.9e-6
 Scoring a rollout later: `Transformer(cfg).apply({"params": p}, s.sequence_BxPT, s.positions_BxPT,
 s.sequence_mask_BxPT)` gives logits whose slot P - 1 + t predicts response token t.
 
-Devices: `sample` is a per-device pure function; `make_sampler(parallel.pmap, cfg, ...)` maps it over the local
-devices (this module never touches devices itself).
+Devices: `sample` is a pure function of the global batch; `make_sampler(mesh, cfg, ...)` compiles it over a
+parallel.make_mesh() mesh (prompts and outputs over the batch shards, params as they are laid out, the KV cache
+pinned to batch shards × kv heads by parallel.cache_constraint); this module never lays out devices itself.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from rlhf_jax.model import Transformer, TransformerConfig, init_cache
 
 @struct.dataclass
 class Samples:
-  """One batch of sampled responses; a pytree of arrays, so it passes through jit and pmap."""
+  """One batch of sampled responses; a pytree of arrays, so it passes through jit."""
   tokens_BxT: jax.Array  # int32 response tokens; pad_id after EOS
   logprobs_BxT: jax.Array  # float32 log softmax(logits)[token] at temperature 1, unfiltered (PPO old_logp)
   sampling_logprobs_BxT: jax.Array  # float32 log-prob under the tempered+filtered distribution; 0 when greedy
@@ -168,7 +169,8 @@ def _emit(carry: dict, logits_BxV, rng, temperature, opts: _Options) -> dict:
       mask_BxT=write(carry["mask_BxT"], alive_B))
 
 
-def _decode_loop(params, cfg, carry, first_logits_BxV, n_prompt_B, rng, temperature, opts: _Options) -> dict:
+def _decode_loop(params, cfg, carry, first_logits_BxV, n_prompt_B, rng, temperature, opts: _Options,
+                 pin: Callable) -> dict:
   """Emits token 0 from the prefill logits, then feeds token t - 1 and emits token t until T or all EOS."""
   model = Transformer(cfg)
   carry = _emit(carry, first_logits_BxV, rng, temperature, opts)
@@ -182,28 +184,29 @@ def _decode_loop(params, cfg, carry, first_logits_BxV, n_prompt_B, rng, temperat
     positions_Bx1 = n_prompt_B[:, None] + c["t"] - 1
     (logits_Bx1xV, _), state = model.apply({"params": params, "cache": c["cache"]}, prev_Bx1, positions_Bx1,
                                            segment_Bx1, decode=True, mutable=["cache"])
-    return _emit(dict(c, cache=state["cache"]), logits_Bx1xV[:, 0], rng, temperature, opts)
+    return _emit(dict(c, cache=pin(state["cache"])), logits_Bx1xV[:, 0], rng, temperature, opts)
 
   return jax.lax.while_loop(cond, body, carry)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opts"))
+@functools.partial(jax.jit, static_argnames=("cfg", "opts", "constrain_cache"))
 def _sample_jit(params, prompt_tokens_BxP, prompt_mask_BxP, rng, temperature, *, cfg: TransformerConfig,
-                opts: _Options) -> Samples:
+                opts: _Options, constrain_cache: Callable | None = None) -> Samples:
   """Left-align, prefill the prompt in one call, decode in a while_loop, assemble `Samples`."""
   tokens_BxP, mask_BxP = left_align(prompt_tokens_BxP.astype(jnp.int32), prompt_mask_BxP)
   tokens_BxP = jnp.where(mask_BxP == 1, tokens_BxP, opts.pad_id)
   (B, P), T = tokens_BxP.shape, opts.max_new_tokens
   positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
   n_prompt_B = jnp.sum(mask_BxP, axis=1)
-  cache = init_cache(cfg, B, P + T - 1)  # the last response token is never fed back
+  pin = constrain_cache or (lambda cache: cache)
+  cache = pin(init_cache(cfg, B, P + T - 1))  # the last response token is never fed back
   (logits_Bx1xV, _), state = Transformer(cfg).apply({"params": params, "cache": cache}, tokens_BxP, positions_BxP,
                                                     mask_BxP, decode=True, mutable=["cache"], logits_slots=(P - 1, P))
-  carry = dict(t=jnp.array(0, jnp.int32), cache=state["cache"], done_B=jnp.zeros((B,), bool),
+  carry = dict(t=jnp.array(0, jnp.int32), cache=pin(state["cache"]), done_B=jnp.zeros((B,), bool),
                tokens_BxT=jnp.full((B, T), opts.pad_id, jnp.int32), logprobs_BxT=jnp.zeros((B, T), jnp.float32),
                sampling_logprobs_BxT=jnp.zeros((B, T), jnp.float32), entropy_BxT=jnp.zeros((B, T), jnp.float32),
                mask_BxT=jnp.zeros((B, T), jnp.int32))
-  c = _decode_loop(params, cfg, carry, logits_Bx1xV[:, 0], n_prompt_B, rng, temperature, opts)
+  c = _decode_loop(params, cfg, carry, logits_Bx1xV[:, 0], n_prompt_B, rng, temperature, opts, pin)
   return Samples(
       tokens_BxT=c["tokens_BxT"], logprobs_BxT=c["logprobs_BxT"], sampling_logprobs_BxT=c["sampling_logprobs_BxT"],
       entropy_BxT=c["entropy_BxT"],
@@ -247,33 +250,36 @@ def _check(cfg: TransformerConfig, tokens_BxP, mask_BxP, temperature, opts: _Opt
 
 def sample(params, cfg: TransformerConfig, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
            temperature=1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int,
-           pad_id: int) -> Samples:
+           pad_id: int, constrain_cache: Callable | None = None) -> Samples:
   """Samples up to `max_new_tokens` response tokens per prompt row with a KV cache; one jit per shape/options.
 
   `prompt_mask_BxP` is 1 on real prompt tokens (any padding side). `temperature` is traced (changing it does not
-  recompile); the other options are static. Greedy ignores temperature/top-k/top-p and the rng.
+  recompile); the other options are static. Greedy ignores temperature/top-k/top-p and the rng. One key draws the
+  whole batch. `constrain_cache` (static; e.g. parallel.cache_constraint(mesh)) pins the KV cache's layout.
   """
   opts = _Options.make(max_new_tokens, top_k, top_p, greedy, eos_id, pad_id)
   _check(cfg, prompt_tokens_BxP, prompt_mask_BxP, temperature, opts)
   return _sample_jit(params, jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP), rng,
-                     jnp.asarray(temperature, jnp.float32), cfg=cfg, opts=opts)
+                     jnp.asarray(temperature, jnp.float32), cfg=cfg, opts=opts, constrain_cache=constrain_cache)
 
 
-def make_sampler(map_fn: Callable, cfg: TransformerConfig, *, max_new_tokens: int, temperature: float = 1.0,
+def make_sampler(mesh, cfg: TransformerConfig, *, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: int,
                  pad_id: int) -> Callable[..., Samples]:
-  """`map_fn` (e.g. `parallel.pmap`) applied to `sample` with fixed options: (params, tokens, mask, rng) -> Samples.
+  """`sample` with fixed options compiled over `mesh` (parallel.make_mesh): (params, tokens, mask, rng) -> Samples.
 
-  Every argument and output then carries a leading device axis: replicated params, sharded prompts and one rng
-  per device (e.g. `jax.random.split(rng, n_devices)`), so devices draw different samples. Build it once: each
-  call of `make_sampler` makes a new mapped function (and a new compilation).
+  Prompts are global arrays over the batch shards (parallel.put_batch), params as they are laid out (replicated
+  or sharded by their logical axes), one key for the whole batch; every output is split over the batch shards.
+  Results do not depend on the mesh. Build it once: each call makes a new compiled function.
   """
+  from rlhf_jax import parallel  # the device-aware module
   options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                 eos_id=eos_id, pad_id=pad_id)
+                 eos_id=eos_id, pad_id=pad_id, constrain_cache=parallel.cache_constraint(mesh))
   opts = _Options.make(max_new_tokens, top_k, top_p, greedy, eos_id, pad_id)
   _check(cfg, np.zeros((1, 1)), np.ones((1, 1)), temperature, opts)  # option errors now, not at first call
 
-  def per_device(params, prompt_tokens_BxP, prompt_mask_BxP, rng) -> Samples:
+  def global_batch(params, prompt_tokens_BxP, prompt_mask_BxP, rng) -> Samples:
     return sample(params, cfg, prompt_tokens_BxP, prompt_mask_BxP, rng, **options)
 
-  return map_fn(per_device)
+  batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  return parallel.jit(global_batch, (None, batch, batch, rep), batch)

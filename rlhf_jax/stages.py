@@ -20,8 +20,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import checkpoint, data, lora, losses, optimizer, trainer
-from rlhf_jax.model import TransformerConfig, init_params, to_layout
+from rlhf_jax import checkpoint, data, lora, losses, optimizer, parallel, trainer
+from rlhf_jax.model import (TransformerConfig, boxed_head_params, boxed_params, init_params, logical_axes,
+                            to_layout)
 from rlhf_jax.tokenizer import BaseTokenizer as Tokenizer
 from rlhf_jax.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
@@ -240,8 +241,36 @@ def unfold(params, meta: dict, key: str | None = None):
       base_dtype, full[key], base)})
 
 
-def _hosts() -> dict:
-  return dict(process_index=jax.process_index(), process_count=jax.process_count())
+def lora_axes(lo: LoraRun, model: TransformerConfig, trainable_axes: dict | None = None) -> tuple[dict, Any]:
+  """(logical specs of the trainable tree {"adapters", heads...}, of the frozen base): adapters named after their
+  base kernels (lora.adapter_axes); `trainable_axes` gives the other groups' (an RM's heads)."""
+  base_axes = logical_axes(lambda: boxed_params(model, jax.random.PRNGKey(0)))
+  adapters = jax.eval_shape(lambda: lora.init(lo.base, lo.spec, jax.random.PRNGKey(0)))
+  specs = {"adapters": lora.adapter_axes(base_axes, adapters, lo.spec)}
+  specs.update({k: v for k, v in (trainable_axes or {}).items() if k != "backbone"})
+  return specs, base_axes
+
+
+def _hosts(mesh=None) -> dict:
+  """Loader keywords: this host's index and count, and (with a mesh) the batch shards its rows must divide by."""
+  out = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if mesh is not None:
+    out["local_device_count"] = parallel.local_batch_shards(mesh)
+  return out
+
+
+def stage_mesh(cfg: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The device mesh of `cfg.mesh`, validated with the scratch model (`cfg.model`) before anything is written."""
+  mesh = parallel.make_mesh(cfg.mesh)
+  if not cfg.train.init_from and not checkpoint.has_checkpoint(workdir):
+    parallel.check_model(cfg.model, mesh, "config model")
+  return mesh
+
+
+def check_init_model(init: Init, mesh, source: str) -> None:
+  """The resolved model (resumed or from init_from) against the mesh (see parallel.check_model)."""
+  parallel.check_model(init.model, mesh, "config model" if not source else f"the model of train.init_from={source!r}:"
+                       " model")
 
 
 def _eval_fn(make, eval_files, max_batches: int):
@@ -259,7 +288,9 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
   train_files = checked_files(cfg.data.train, "data.train")
   eval_files = checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
   spec = lora.Spec.from_config(cfg.lora)
+  mesh = stage_mesh(cfg, workdir)
   init = resolve_init(cfg, workdir, train_files)
+  check_init_model(init, mesh, cfg.train.init_from)
   if cfg.data.seq_len > init.model.max_len:
     raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={init.model.max_len}")
   lo = lora_run(cfg, workdir, init, spec)
@@ -268,7 +299,7 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
   else:
     make = functools.partial(data.make_sft_loader, truncate_prompt=cfg.data.truncate)
   make = functools.partial(make, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
-                           batch_size=cfg.data.batch_size, workdir=workdir, **_hosts())
+                           batch_size=cfg.data.batch_size, workdir=workdir, **_hosts(mesh))
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
   install_tokenizer(init.tokenizer, workdir)
@@ -277,14 +308,16 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
   loss_fn = functools.partial(losses.lm_loss, cfg=model)
   scratch = lambda: trainer.create_state(init_params(model, jax.random.PRNGKey(cfg.train.seed)), tx, cfg.train.seed)
   init_fn, meta = checked_params_fn(init, cfg.train.init_from), {"stage": stage, "model": dataclasses.asdict(model)}
+  specs, frozen_specs = logical_axes(lambda: boxed_params(model, jax.random.PRNGKey(0))), None
   if lo is not None:  # LoRA: the adapters train, the base is a frozen argument of every step
     loss_fn, init_fn, meta = lora.with_base(loss_fn, lo.spec), None, {**meta, **lo.meta}
     scratch = lambda: trainer.create_state(lora.split(lo.base, lo.spec, jax.random.PRNGKey(cfg.train.seed))[0], tx,
                                            cfg.train.seed)
+    specs, frozen_specs = lora_axes(lo, model)
   _, last = trainer.train_loop(
       workdir=workdir, train_cfg=cfg.train, loss_fn=loss_fn, scratch_state=scratch, train_loader=train_loader,
-      eval_batches=eval_fn, init_from_params=init_fn, meta=meta, stage=stage,
-      frozen=lo.base if lo is not None else None)
+      eval_batches=eval_fn, init_from_params=init_fn, meta=meta, stage=stage, mesh=mesh, param_specs=specs,
+      frozen=lo.base if lo is not None else None, frozen_specs=frozen_specs)
   return last
 
 
@@ -312,6 +345,7 @@ def lm_config(stage: str) -> ml_collections.ConfigDict:
     cfg.opt.warmup_steps = 10
   cfg.train = trainer.train_config(num_steps=400 if stage == "pretrain" else 200)
   cfg.lora = lora.config()
+  cfg.mesh = parallel.mesh_config()
   return cfg
 
 
@@ -329,25 +363,37 @@ def reward_config() -> ml_collections.ConfigDict:
   cfg.loss.loglik_feature = False  # score += a · log π_backbone(response | prompt), a learned (from 0)
   cfg.loss.token_head = False  # score += Σ_t u(h_t) over the response tokens, u a second scalar head (from 0)
   cfg.lora = lora.config()
+  cfg.mesh = parallel.mesh_config()
   return cfg
 
 
 def fresh_reward_params(model: TransformerConfig, rng: jax.Array, backbone=None, loglik: bool = False,
-                        token_head: bool = False) -> dict:
+                        token_head: bool = False, boxed: bool = False) -> dict:
   """{"backbone", "head"}: the given (or random) Transformer params plus a new ScalarHead; + "loglik" (the
   likelihood feature's weight, 0) and "token_head" (a zero ScalarHead for per-token rewards) when asked; see
-  `losses.packed_scores`."""
-  import jax.numpy as jnp
+  `losses.packed_scores`. `boxed=True`: random params boxed with their logical axis names (for reward_axes)."""
   import flax.linen as nn
-  from rlhf_jax.model import boxed_head_params
+  import jax.numpy as jnp
   k1, k2 = jax.random.split(rng)
-  head = nn.unbox(boxed_head_params(model, k2))
-  params = {"backbone": backbone if backbone is not None else init_params(model, k1), "head": head}
+  head = boxed_head_params(model, k2) if boxed else nn.unbox(boxed_head_params(model, k2))
+  if backbone is None:
+    backbone = boxed_params(model, k1) if boxed else init_params(model, k1)
+  params = {"backbone": backbone, "head": head}
   if loglik:
     params["loglik"] = jnp.zeros((), jnp.float32)
   if token_head:
     params["token_head"] = jax.tree.map(jnp.zeros_like, head)
   return params
+
+
+def reward_axes(model: TransformerConfig, params_like: dict | None = None, loglik: bool = False,
+                token_head: bool = False) -> dict:
+  """Logical PartitionSpecs of an RM tree {"backbone", "head", ["loglik"], ["token_head"]} (the optional groups
+  those of `params_like` when given), from abstract shapes."""
+  if params_like is not None:
+    loglik, token_head = "loglik" in params_like, "token_head" in params_like
+  return logical_axes(lambda: fresh_reward_params(model, jax.random.PRNGKey(0), loglik=loglik,
+                                                  token_head=token_head, boxed=True))
 
 
 def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -356,7 +402,9 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_files = checked_files(cfg.data.eval, "data.eval") if cfg.data.eval else None
   norm_files = checked_files(cfg.data.normalize_on, "data.normalize_on") if cfg.data.normalize_on else None
   spec = lora.Spec.from_config(cfg.lora)
+  mesh = stage_mesh(cfg, workdir)
   init = resolve_init(cfg, workdir, train_files)
+  check_init_model(init, mesh, cfg.train.init_from)
   model = init.model
   if cfg.data.seq_len > model.max_len:
     raise ValueError(f"config data.seq_len={cfg.data.seq_len} exceeds model.max_len={model.max_len}")
@@ -365,7 +413,7 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   lo = lora_run(cfg, workdir, init, spec)
   make = functools.partial(data.make_comparison_loader, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
                            batch_size=cfg.data.batch_size, max_responses=cfg.data.max_responses,
-                           truncate_prompt=cfg.data.truncate, workdir=workdir, **_hosts())
+                           truncate_prompt=cfg.data.truncate, workdir=workdir, **_hosts(mesh))
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
   install_tokenizer(init.tokenizer, workdir)
@@ -380,17 +428,22 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     init_fn = lambda fresh: dict(fresh, backbone=backbone_fn(fresh["backbone"]))
   loss_fn = functools.partial(losses.reward_loss, cfg=model, lm_coef=float(cfg.loss.lm_coef))
   meta = {"stage": "reward", "model": dataclasses.asdict(model)}
+  specs = reward_axes(model, loglik=bool(cfg.loss.loglik_feature), token_head=bool(cfg.loss.token_head))
+  frozen_specs = None
   if lo is not None:  # LoRA: adapters + the heads train on the frozen SFT backbone
     loss_fn, init_fn, meta = lora.with_base(loss_fn, lo.spec, "backbone"), None, {**meta, **lo.meta}
     scratch = lambda: trainer.create_state(lora.split(fresh(lo.base), lo.spec, jax.random.PRNGKey(cfg.train.seed),
                                                       "backbone")[0], tx, cfg.train.seed)
+    specs, frozen_specs = lora_axes(lo, model, specs)
   state, last = trainer.train_loop(
       workdir=workdir, train_cfg=cfg.train, loss_fn=loss_fn, scratch_state=scratch, train_loader=train_loader,
-      eval_batches=eval_fn, init_from_params=init_fn, meta=meta, stage="reward",
-      frozen=lo.base if lo is not None else None)
-  if norm_files and jax.process_index() == 0:
-    params = state.params if lo is None else lora.join(state.params, lo.base, lo.spec, "backbone")
-    _write_offset(workdir, params, model, init.tokenizer, norm_files, cfg.data.seq_len)
+      eval_batches=eval_fn, init_from_params=init_fn, meta=meta, stage="reward", mesh=mesh, param_specs=specs,
+      frozen=lo.base if lo is not None else None, frozen_specs=frozen_specs)
+  if norm_files:
+    params = parallel.to_host(state.params)  # every process takes part (a gather where fsdp spans hosts)
+    if jax.process_index() == 0:
+      params = params if lo is None else lora.join(params, lo.base, lo.spec, "backbone")
+      _write_offset(workdir, params, model, init.tokenizer, norm_files, cfg.data.seq_len)
   return last
 
 

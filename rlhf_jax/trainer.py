@@ -1,8 +1,9 @@
-"""TrainState, the generic per-device `train_step`, and the `train_loop` shared by pretraining, SFT and the RM.
+"""TrainState, the generic `train_step`, and the `train_loop` shared by pretraining, SFT and the RM.
 
 Loss contract: `loss_fn(params, batch, rng) -> (loss_sum, aux)` where `aux` maps metric names to
-`(sum, count)` pairs and `aux["loss"] == (loss_sum, count)`. The step divides the device-mean gradient of the
-sum by the device-mean count, which equals the gradient of the global mean loss whatever the padding per device.
+`(sum, count)` pairs and `aux["loss"] == (loss_sum, count)`. The step is written for the global batch (compiled
+over the device mesh by parallel.jit): the gradient of the sum divided by the global count is the gradient of the
+global mean loss whatever the padding per shard, and the metrics are exact global sums.
 """
 from __future__ import annotations
 
@@ -34,15 +35,16 @@ def create_state(params, tx: optax.GradientTransformation, seed: int) -> TrainSt
 
 
 def step_rng(state: TrainState) -> jax.Array:
-  """This step's and this device's key: fold_in(fold_in(rng, step), device index)."""
-  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), parallel.device_index())
+  """This step's key: fold_in(fold_in(rng, step), 0), the key device 0 drew under the former per-device pmap (so
+  one-device runs draw as before) and now the key of the whole global batch, whatever the mesh."""
+  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
 
 
 def mean_grads(loss_fn: LossFn, params, batch, rng):
-  """(aux, grads of the global mean loss): value_and_grad of the summed loss, pmean, divide by the mean count."""
+  """(aux, grads of the global mean loss): value_and_grad of the summed loss over the global batch, divided by the
+  global count (GSPMD sums the per-shard gradients)."""
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
-  grads = parallel.pmean(grads)
-  count = parallel.pmean(jnp.asarray(aux["loss"][1], jnp.float32))
+  count = jnp.asarray(aux["loss"][1], jnp.float32)
   return aux, jax.tree.map(lambda g: g / jnp.maximum(count, 1e-9), grads)
 
 
@@ -52,29 +54,39 @@ def _bind(loss_fn, frozen):
 
 
 def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: LossFn) -> tuple[TrainState, dict]:
-  """One optimizer update on this device's shard (run under `parallel.pmap`); metrics psummed (sum, count)."""
-  loss_fn = _bind(loss_fn, frozen)
-  aux, grads = mean_grads(loss_fn, state.params, batch, step_rng(state))
+  """One optimizer update on the global batch (compiled over the mesh by `parallel.jit`); metrics (sum, count).
+  `frozen` (LoRA's base) is read, never differentiated."""
+  aux, grads = mean_grads(_bind(loss_fn, frozen), state.params, batch, step_rng(state))
   state = state.apply_gradients(grads=grads)
-  sums = parallel.psum(aux)
-  sums["grad_norm"] = (optax.tree.norm(grads), jnp.float32(1.0))  # identical on every device after pmean
+  sums = dict(aux, grad_norm=(optax.tree.norm(grads), jnp.float32(1.0)))
   return state, sums
 
 
 def eval_step(params, batch: dict, frozen=None, *, loss_fn: LossFn) -> dict:
-  """Loss metrics on this device's shard with a fixed key, psummed as (sum, count)."""
+  """Loss metrics on the global batch with a fixed key, as (sum, count)."""
   _, aux = _bind(loss_fn, frozen)(params, batch, jax.random.PRNGKey(0))
-  return parallel.psum(aux)
+  return aux
 
 
-def evaluate(p_eval: Callable, params_R, batches: Iterable[dict], frozen_R=None) -> dict[str, float]:
-  """Runs a finite pass of eval batches and returns the summarized metrics."""
-  total = None
+def evaluate(p_eval: Callable, params, batches: Iterable[dict], mesh, frozen=None) -> dict[str, float]:
+  """Runs a finite pass of eval batches (host batches, this process's rows) and returns the summarized metrics."""
+  total, base = None, () if frozen is None else (frozen,)
   for batch in batches:
-    sums = jax.device_get(p_eval(params_R, parallel.shard_batch(batch, "eval batch"), frozen_R))
-    sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
+    sums = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                        parallel.to_host(p_eval(params, parallel.put_batch(mesh, batch, "eval batch"), *base)))
     total = sums if total is None else jax.tree.map(np.add, total, sums)
   return metrics.summarize(total) if total is not None else {}
+
+
+def compile_steps(loss_fn: LossFn, mesh, state_sh, frozen_sh=None) -> tuple[Callable, Callable]:
+  """(train step, eval step) compiled over `mesh`: the state laid out as `state_sh` (and donated), batches over
+  ("data", "fsdp"), the frozen base (if any) as `frozen_sh`, metrics replicated."""
+  batch, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  frozen_in = () if frozen_sh is None else (frozen_sh,)  # without a base: (state, batch) and (params, batch)
+  p_train = parallel.jit(functools.partial(train_step, loss_fn=loss_fn), (state_sh, batch, *frozen_in),
+                         (state_sh, rep), donate_argnums=(0,))
+  p_eval = parallel.jit(functools.partial(eval_step, loss_fn=loss_fn), (state_sh.params, batch, *frozen_in), rep)
+  return p_train, p_eval
 
 
 def poison(batch: dict) -> dict:
@@ -104,38 +116,58 @@ def train_config(num_steps: int = 200) -> ml_collections.ConfigDict:
   return t
 
 
+def initial_state(ckpt: checkpoint.Checkpointer, scratch_state: Callable[[], Any], abstract, state_sh,
+                  init_from_params: Callable[[Any], Any] | None) -> tuple[int, Any, dict | None]:
+  """(start step, sharded state, checkpoint extra or None): resume > init_from > scratch, each built directly on
+  the shardings `state_sh` (restored shard by shard; scratch compiled with sharded outputs)."""
+  start = ckpt.latest_step()
+  if start is not None:
+    state, extra = ckpt.restore(start, parallel.with_shardings(abstract, state_sh))
+    return start, state, extra
+  state = parallel.jit(scratch_state, (), state_sh)()
+  if init_from_params is not None:
+    state = state.replace(params=parallel.shard_tree(init_from_params(state.params), state_sh.params))
+  return 0, state, None
+
+
 def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: LossFn,
                scratch_state: Callable[[], TrainState], train_loader, eval_batches: Callable[[], Iterator[dict]]
                | None = None, init_from_params: Callable[[Any], Any] | None = None, meta: dict | None = None,
-               stage: str = "train", frozen: Any = None) -> tuple[TrainState, dict]:
-  """Trains `train_cfg.num_steps` steps with eval, checkpoints, auto-resume, metrics; returns (host state, last metrics).
+               stage: str = "train", mesh=None, param_specs: Any = None, frozen: Any = None,
+               frozen_specs: Any = None) -> tuple[TrainState, dict]:
+  """Trains `train_cfg.num_steps` steps with eval, checkpoints, auto-resume, metrics; returns (sharded state, last
+  metrics).
 
   Resume order: checkpoint in `workdir` > `init_from_params(fresh_params)` > `scratch_state()`.
-  `train_loader` yields global host batches and has `get_state()`/`set_state()` (saved with each checkpoint).
-  `frozen` (LoRA's base): params every step reads but never trains nor saves; then `loss_fn(params, batch, rng,
-  frozen)`.
+  `train_loader` yields this host's rows of global batches and has `get_state()`/`set_state()` (saved with each
+  checkpoint). The state lives on `mesh` (default: pure data parallelism over every device), its parameters laid
+  out by `param_specs` (their logical PartitionSpecs, e.g. model.logical_axes(...); None: replicated).
+  `frozen` (LoRA's base): params every step reads but never trains nor saves, laid out by `frozen_specs`; then
+  `loss_fn(params, batch, rng, frozen)`.
   """
-  # ---- state: resume > init_from > scratch
+  # ---- state: resume > init_from > scratch, built on its shardings
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  abstract = jax.eval_shape(scratch_state)
+  state_sh = parallel.state_shardings(mesh, abstract, param_specs)
   ckpt = checkpoint.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    state, extra = ckpt.restore(start, jax.eval_shape(scratch_state))
+  start, state, extra = initial_state(ckpt, scratch_state, abstract, state_sh, init_from_params)
+  if extra is not None:
     train_loader.set_state(extra["data"])
     logging.info("%s: resumed from %s at step %d", stage, ckpt.directory, start)
-  else:
-    start, state = 0, scratch_state()
-    if init_from_params is not None:
-      state = state.replace(params=init_from_params(state.params))
   if start >= train_cfg.num_steps:
     logging.info("%s: already finished (%d steps)", stage, start)
     ckpt.close()
     return state, {}
 
   # ---- compiled steps
-  p_train = parallel.pmap(functools.partial(train_step, loss_fn=loss_fn), donate_argnums=(0,))
-  p_eval = parallel.pmap(functools.partial(eval_step, loss_fn=loss_fn))
-  state_R = parallel.replicate(state)
-  frozen_R = parallel.replicate(frozen) if frozen is not None else None
+  logging.info("%s: %s", stage, parallel.describe_mesh(mesh))
+  frozen_sh = None
+  if frozen is not None:
+    frozen_sh = parallel.param_shardings(mesh, frozen, frozen_specs) if frozen_specs is not None else \
+        jax.tree.map(lambda _: parallel.replicated(mesh), frozen)
+    frozen = parallel.shard_tree(frozen, frozen_sh)
+  p_train, p_eval = compile_steps(loss_fn, mesh, state_sh, frozen_sh)
+  base = () if frozen is None else (frozen,)
   writer = metrics.MetricWriter(workdir, resume_step=start)
   progress = metrics.Progress(train_cfg.num_steps, start)
   last: dict[str, float] = {}
@@ -143,7 +175,7 @@ def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: L
   def finish(step, sums, tokens):
     """Fetches a dispatched step's metrics, stops on NaN/Inf, logs."""
     nonlocal last
-    last = metrics.summarize(jax.tree.map(lambda x: x[0], sums))
+    last = metrics.summarize(parallel.to_host(sums))
     metrics.check_finite(last, step, stage)
     line = progress.update(step, tokens)
     if step % train_cfg.log_every == 0 or step == train_cfg.num_steps:
@@ -154,7 +186,7 @@ def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: L
     if eval_batches is None:
       return
     t0 = time.perf_counter()
-    result = evaluate(p_eval, state_R.params, eval_batches(), frozen_R)
+    result = evaluate(p_eval, state.params, eval_batches(), mesh, frozen)
     metrics.check_finite(result, step, f"{stage} eval")
     writer.write(step, result, prefix="eval_")
     logging.info("%s eval step %d: %s (%.1fs)", stage, step, result, time.perf_counter() - t0)
@@ -166,7 +198,7 @@ def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: L
       batch = next(train_loader)
       if step == train_cfg.nan_at_step:
         batch = poison(batch)
-      state_R, sums = p_train(state_R, parallel.shard_batch(batch, "data.batch_size"), frozen_R)
+      state, sums = p_train(state, parallel.put_batch(mesh, batch, "data.batch_size"), *base)
       if pending is not None:
         finish(*pending)
       pending = (step, sums, count_tokens(batch))
@@ -177,7 +209,7 @@ def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: L
       if train_cfg.eval_every and step % train_cfg.eval_every == 0 or step == train_cfg.num_steps:
         run_eval(step)
       if save:
-        ckpt.save(step, parallel.unreplicate(state_R), {"data": train_loader.get_state(), "meta": meta or {}})
+        ckpt.save(step, state, {"data": train_loader.get_state(), "meta": meta or {}})
     if pending is not None:
       finish(*pending)
     last.update(progress.rates(train_cfg.num_steps))
@@ -185,4 +217,4 @@ def train_loop(*, workdir: str, train_cfg: ml_collections.ConfigDict, loss_fn: L
     ckpt.close()
     writer.close()
   logging.info("%s: done at step %d: %s", stage, train_cfg.num_steps, last)
-  return parallel.unreplicate(state_R), last
+  return state, last

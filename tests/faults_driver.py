@@ -1,7 +1,7 @@
 """Fault injection: every stage in a subprocess, SIGKILLed at random points (or mid-checkpoint-write), resumed.
 
   python -m tests.faults_driver --kills=3 [--write_kills=1 --nans=1 --controls=1] [--multihost]
-      [--stages=pretrain,sft,reward,ppo] [--seed=0] [--root=/tmp/faults]
+      [--stages=pretrain,sft,reward,ppo] [--seed=0] [--root=/tmp/faults] [--mesh=fsdp=2,tensor=2]
 
 For each stage: one uninterrupted reference run; then, per kill point, the same command is started in a fresh
 workdir, SIGKILLed (whole process group) at a random moment after its first finished checkpoint (or as soon as
@@ -294,7 +294,7 @@ def final_checkpoint(workdir: str) -> tuple[int, Any, dict]:
   if step is None:
     ckpt.close()
     raise AssertionError(f"{workdir}: no finished checkpoint")
-  out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+  out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(ckpt.host_target(step)),
                                                            extra=ocp.args.JsonRestore()))
   ckpt.close()
   return step, jax.tree.map(np.asarray, out["state"]), out["extra"]
@@ -444,8 +444,10 @@ def control_point(stage: str, ref: str, workdir: str, cmd: Sequence[str], env: d
 
 
 def sweep(root: str, stages: Sequence[str], kills: int, seed: int, write_kills: int = 1, nans: int = 1,
-          controls: int = 1) -> list[Point]:
-  """Reference runs of every stage (each the next one's source), then the fault cases of the chosen stages."""
+          controls: int = 1, mesh: dict | None = None) -> list[Point]:
+  """Reference runs of every stage (each the next one's source), then the fault cases of the chosen stages;
+  `mesh` ({"fsdp": 2, ...}) lays every run out on that device mesh (--config.mesh.*)."""
+  mesh_kw = {f"mesh__{k}": v for k, v in (mesh or {}).items()}
   env = stage_env()
   files = task_files(root)
   sources: dict[str, str] = {}
@@ -454,7 +456,8 @@ def sweep(root: str, stages: Sequence[str], kills: int, seed: int, write_kills: 
     if not any(STAGES.index(s) >= STAGES.index(stage) for s in stages):
       continue
     steps, every = STEPS[stage], EVERY[stage]
-    cmd_fn = lambda w, stage=stage, **kw: stage_command(stage, w, files, sources, STEPS[stage], EVERY[stage], **kw)
+    cmd_fn = lambda w, stage=stage, **kw: stage_command(stage, w, files, sources, STEPS[stage], EVERY[stage],
+                                                        **mesh_kw, **kw)
     ref = os.path.join(root, f"ref-{stage}")
     t0 = time.perf_counter()
     out = run(cmd_fn(ref), env, ref + ".log")
@@ -557,7 +560,9 @@ def main(argv: Sequence[str]) -> int:
   parser.add_argument("--seed", type=int, default=0, help="base seed of the kill points (printed per point)")
   parser.add_argument("--multihost", action="store_true", help="also the 2-process diagnostics (real corpus)")
   parser.add_argument("--root", default="", help="work directory (default: a new temporary directory)")
+  parser.add_argument("--mesh", default="", help="device mesh of every run, e.g. fsdp=2,tensor=2 (default: data)")
   args = parser.parse_args(argv)
+  mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(",") if item)}
   stages = [s for s in args.stages.split(",") if s]
   bad = sorted(set(stages) - set(STAGES))
   if bad:
@@ -566,7 +571,7 @@ def main(argv: Sequence[str]) -> int:
   os.makedirs(root, exist_ok=True)
   print(f"fault sweep in {root}", flush=True)
   t0 = time.perf_counter()
-  points = sweep(root, stages, args.kills, args.seed, args.write_kills, args.nans, args.controls)
+  points = sweep(root, stages, args.kills, args.seed, args.write_kills, args.nans, args.controls, mesh)
   print("\n| stage | case | seed / NaN step | stopped after step | unfinished ckpt dirs | resumed from | result |")
   print("|---|---|---|---|---|---|---|")
   for p in points:

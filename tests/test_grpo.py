@@ -11,7 +11,6 @@ import pytest
 
 import fixtures
 from rlhf_jax import checkpoint, metrics, parallel, ppo, rl, sampling
-from rlhf_jax.model import init_params
 
 RNG = np.random.default_rng(0)
 MASK_5x6 = np.array([[1, 1, 1, 0, 0, 0],  # right-padded, left-padded, a hole, full, one token
@@ -208,7 +207,7 @@ def test_empty_options_derive_todays_methods():
 
 # ------------------------------------------------------------------------------------------- through the update
 
-from test_ppo import CFG, _nets, _samples  # noqa: E402  (the hand-made rollout of test_ppo)
+from test_ppo import CFG, _nets  # noqa: E402  (the hand-made rollout of test_ppo)
 
 MODELS = ppo.Models(CFG, CFG, CFG)
 SCORES = np.array([1, 3, 2, 2, 0, 5, 4, 1], np.float32)  # groups of 2; the second is all equal
@@ -223,62 +222,6 @@ def _grpo_hyper(**kw):
                    whiten_advantages=True, ppo_epochs=2, minibatches=1, group_size=2, advantage="grpo", **kw)
 
 
-def _grpo_on_devices(n, hyper, tx):
-  """Score + a two-epoch GRPO update of the hand-made rollout, pmapped over n devices; device 0's outputs."""
-  policy, _, _ = _nets()
-  params = ppo.Trainable(policy=policy, value=None)
-  state = ppo.PPOState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(3))
-  frozen = ppo.Frozen(ref=init_params(CFG, jax.random.PRNGKey(9)), reward=None)
-
-  def step(state, frozen, samples, kl, score):
-    rollout, sums = ppo.score_rollout(state.params, frozen, samples, kl, 0.0, score, models=MODELS, ppo=hyper)
-    new, usums = ppo.ppo_update(state, rollout, None, kl, tx=tx, models=MODELS, ppo=hyper)
-    return rollout, sums, new.params, usums
-
-  shard = lambda t: jax.tree.map(lambda x: np.asarray(x).reshape((n, -1) + np.shape(x)[1:]), t)
-  fn = jax.pmap(step, axis_name=parallel.AXIS, devices=jax.local_devices()[:n])
-  rollout, sums, new, usums = jax.device_get(fn(parallel.replicate(state, n), parallel.replicate(frozen, n),
-                                                shard(_samples(policy)), parallel.replicate(np.float32(0.5), n),
-                                                shard(SCORES)))
-  rollout = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), rollout)
-  first = lambda t: jax.tree.map(lambda x: np.asarray(x[0]), t)
-  return dict(rollout=rollout, sums=first(sums), params=first(new), usums=first(usums), start=params)
-
-
-@pytest.mark.parametrize("variant", sorted(GRPO_VARIANTS))
-def test_grpo_update_on_four_devices_equals_one_device(variant):
-  hyper, tx = _grpo_hyper(**GRPO_VARIANTS[variant]), optax.sgd(0.5)
-  four, one = _grpo_on_devices(4, hyper, tx), _grpo_on_devices(1, hyper, tx)
-  m1, u1 = fixtures.assert_update_matches(four, one)
-  assert u1["loss_kl"] > 0  # kl_in="loss" (grpo's default): the k3 term is in the loss
-  r = one["rollout"]
-  if hyper.drop_equal_groups:  # rows 2, 3 (equal scores) leave the loss; one group of four dropped
-    assert m1["dropped_groups"] == 0.25
-    assert np.all(r.mask_BxT[2:4] == 0) and np.all(r.mask_BxT[[0, 1, 4, 5, 6, 7]].sum(1) > 0)
-    centred = SCORES - np.repeat(SCORES.reshape(4, 2).mean(1), 2)
-    want = centred / (np.std(SCORES, ddof=1) + 1e-4)  # scale_rewards="batch" over every device's scores
-  else:
-    assert m1["dropped_groups"] == 0.0
-    want = SCORES - np.repeat(SCORES.reshape(4, 2).mean(1), 2)  # "none": Dr. GRPO
-  valid = np.asarray(_samples(one["start"].policy).mask_BxT) > 0
-  np.testing.assert_allclose(r.advantages_BxT, np.where(valid, want[:, None], 0.0), atol=1e-5)
-
-
-def test_grpo_first_epoch_loss_equals_the_hand_aggregation():
-  """Epoch 1 starts at the rollout's params (ρ = 1): the grpo policy loss is the mean over the six kept sequences
-  of (−A_b + β·mean_t k3_bt), A from the rollout and k3 from its reference log-probs."""
-  hyper = _grpo_hyper(**GRPO_VARIANTS["grpo_seq_batch_dropped"])
-  one = _grpo_on_devices(1, dataclasses.replace(hyper, ppo_epochs=1), optax.sgd(0.5))
-  r, u = one["rollout"], metrics.summarize(one["usums"])
-  m = np.asarray(r.mask_BxT) > 0
-  d = np.float64(r.ref_logp_BxT) - np.float64(r.old_logp_BxT)
-  k3 = np.where(m, np.exp(d) - d - 1, 0.0)
-  per_seq = [(-r.advantages_BxT[b][m[b]].mean() + 0.5 * k3[b][m[b]].mean()) for b in range(8) if m[b].any()]
-  assert len(per_seq) == 6
-  assert u["policy_loss"] == pytest.approx(np.mean(per_seq), abs=1e-5)
-  assert u["clipfrac"] == 0.0
-
-
 # ------------------------------------------------------------------------------------------- toy reward rises
 
 X, P_TOY, T_TOY, B_TOY, G_TOY, ITERS = 5, 4, 8, 32, 4, 8
@@ -288,24 +231,27 @@ def test_grpo_raises_a_toy_reward():
   """GRPO (group 4, k3 in the loss, β small) on the count of token X in the response: the mean count rises."""
   hyper = dataclasses.replace(_grpo_hyper(), minibatches=2, group_size=G_TOY)
   tx = optax.adam(1e-2)
-  sampler = sampling.make_sampler(parallel.pmap, CFG, max_new_tokens=T_TOY, eos_id=3, pad_id=0)
-  p_score = parallel.pmap(functools.partial(ppo.score_rollout, models=MODELS, ppo=hyper))
-  p_update = parallel.pmap(functools.partial(ppo.ppo_update, tx=tx, models=MODELS, ppo=hyper))
+  mesh = parallel.make_mesh()
   policy, _, _ = _nets(seed=1)
   params = ppo.Trainable(policy=policy, value=None)
-  state_R = parallel.replicate(ppo.PPOState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0)))
-  frozen_R = parallel.replicate(ppo.Frozen(ref=policy, reward=None))
-  beta_R, zero_R = parallel.replicate(np.float32(0.01)), parallel.replicate(np.float32(0.0))
+  rep = lambda t: parallel.shard_tree(t, jax.tree.map(lambda _: parallel.replicated(mesh), t))
+  state = rep(ppo.PPOState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0)))
+  sampler = sampling.make_sampler(mesh, CFG, max_new_tokens=T_TOY, eos_id=3, pad_id=0)
+  p_score, p_update = ppo.compile_steps(mesh, jax.tree.map(lambda _: parallel.replicated(mesh), state), tx, MODELS,
+                                        hyper)
+  frozen = rep(ppo.Frozen(ref=policy, reward=None))
+  beta, zero = np.float32(0.01), np.float32(0.0)
   rng, scores = np.random.default_rng(0), []
   for it in range(ITERS + 1):
     prompts = np.repeat(rng.integers(4, CFG.vocab_size, (B_TOY // G_TOY, P_TOY)).astype(np.int32), G_TOY, axis=0)
-    prompts = parallel.shard_batch(prompts)
-    samples = sampler(state_R.params.policy, prompts, np.ones_like(prompts), jax.random.split(jax.random.PRNGKey(it), 4))
-    score = np.sum((np.asarray(samples.tokens_BxT) == X) * np.asarray(samples.mask_BxT), -1).astype(np.float32)
+    prompts = parallel.put_batch(mesh, prompts)
+    samples = sampler(state.params.policy, prompts, jnp.ones_like(prompts), jax.random.PRNGKey(it))
+    host = parallel.to_host(samples)
+    score = np.sum((host.tokens_BxT == X) * host.mask_BxT, -1).astype(np.float32)
     scores.append(float(score.mean()))
-    rollout, _ = p_score(state_R.params, frozen_R, samples, beta_R, zero_R, score)
+    rollout, _ = p_score(state.params, frozen, samples, beta, zero, parallel.put_batch(mesh, score))
     if it < ITERS:
-      state_R, _ = p_update(state_R, rollout, None, beta_R)
+      state, _ = p_update(state, rollout, None, beta)
   assert scores[0] < 1.0 and np.mean(scores[-2:]) > scores[0] + 4.0, scores  # measured: 0.34 -> 7.9
 
 

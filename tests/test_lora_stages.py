@@ -1,17 +1,16 @@
-"""LoRA in the stages: resume bit-exact, checkpoint size, downstream merges, RM/PPO on adapters, 4 == 1 device."""
+"""LoRA in the stages: resume bit-exact, checkpoint size, downstream merges, RM/PPO/DPO on adapters (4 devices ==
+1: tests/test_mesh_paths.py)."""
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import fixtures
-from rlhf_jax import checkpoint, dpo, lora, losses, metrics, optimizer, parallel, ppo, stages, trainer
+from rlhf_jax import checkpoint, dpo, lora, losses, metrics, optimizer, ppo, stages, trainer
 from rlhf_jax.model import Transformer, init_params
-from test_ppo import CFG as PPO_CFG, _hyper, _nets, _ptx, _samples
 from test_trainer import CFG, _Loader, _batch
 
 SPEC = lora.Spec(rank=2, alpha=4.0, targets=("attn", "mlp"))
@@ -49,24 +48,6 @@ def test_lora_resume_after_interruption_is_bit_identical(tmp_path):
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(a, b)
   assert float(np.abs(full.params["adapters"]["layer_0"]["attn"]["q"]["b"]).max()) > 0  # it trained
-
-
-def test_lora_step_on_four_devices_equals_one_device():
-  base = init_params(CFG, jax.random.PRNGKey(0))
-  tx = optax.adam(1e-2)
-  state = trainer.create_state(lora.split(base, SPEC, jax.random.PRNGKey(1))[0], tx, seed=0)
-  loss = lora.with_base(functools.partial(losses.lm_loss, cfg=CFG), SPEC)
-  out = {}
-  for n in (4, 1):
-    step = jax.pmap(functools.partial(trainer.train_step, loss_fn=loss), axis_name=parallel.AXIS,
-                    devices=jax.local_devices()[:n])
-    batch = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), _batch(3))
-    new, _ = step(parallel.replicate(state, n), batch, parallel.replicate(base, n))
-    new, _ = step(new, batch, parallel.replicate(base, n))  # two steps: A moves too once B is nonzero
-    out[n] = parallel.unreplicate(new.params)
-  for a, b, s in zip(jax.tree.leaves(out[4]), jax.tree.leaves(out[1]), jax.tree.leaves(state.params)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
-    assert np.max(np.abs(a - s)) > 0
 
 
 # ------------------------------------------------------------------------------ stages on the tiny pipeline
@@ -192,57 +173,3 @@ def test_lora_dpo_reference_is_the_base_precomputed_or_on_the_fly(pipe, lora_sft
   _, policy, _ = stages.load_policy(str(tmp_path / "precompute"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), policy,
                lora.fold(stages.load_policy(lora_sft[0])[1], out["precompute"]["policy"]["adapters"], SPEC))
-
-
-# ------------------------------------------------------------------------------ PPO's compiled functions with LoRA
-
-LORA_MODELS = ppo.Models(PPO_CFG, PPO_CFG, PPO_CFG, SPEC, "ref")
-TX = optax.sgd(1.0)
-
-
-def _lora_nets():
-  """(trainable adapters with nonzero B, frozen {ref, reward}): the policy differs from its reference."""
-  sft, value, reward = _nets()
-  k1, k2 = jax.random.split(jax.random.PRNGKey(5))
-  bump = lambda t: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(k2, x.shape), t)
-  pol = {"adapters": bump(lora.init(sft, SPEC, k1))}
-  val = {"adapters": bump(lora.init(sft, SPEC, k2)), "head": value["head"]}
-  return ppo.Trainable(policy=pol, value=val), ppo.Frozen(ref=sft, reward=reward)
-
-
-def test_ppo_reference_logprobs_with_adapters_off_are_the_sft_models():
-  """Samples carrying the SFT model's log-probs: k1 KL against the reference is 0 although the adapters are not."""
-  params, frozen = _lora_nets()
-  samples = _samples(frozen.ref)
-  _, sums = jax.pmap(functools.partial(ppo.score_rollout, models=LORA_MODELS, ppo=_hyper()),
-                     axis_name=parallel.AXIS, devices=jax.local_devices()[:1])(
-      *parallel.replicate((params, frozen, samples, np.float32(0.1), np.float32(0.0)), 1))
-  assert abs(float(sums["kl_k1"][0][0])) < 1e-5
-  merged = ppo.effective(params, frozen, LORA_MODELS).policy
-  assert float(jnp.abs(ppo.response_logits(merged, PPO_CFG, samples.sequence_BxPT, samples.sequence_mask_BxPT,
-                                           samples.positions_BxPT, 6)[0] -
-                       ppo.response_logits(frozen.ref, PPO_CFG, samples.sequence_BxPT, samples.sequence_mask_BxPT,
-                                           samples.positions_BxPT, 6)[0]).max()) > 1e-3
-
-
-def _lora_update_on(n):
-  params, frozen = _lora_nets()
-  state = ppo.PPOState(jnp.int32(0), params, TX.init(params), jax.random.PRNGKey(3))
-  policy = ppo.effective(params, frozen, LORA_MODELS).policy
-  hyper = _hyper(ptx_coef=0.5)
-
-  def fn(state, frozen, samples, ptx):
-    rollout, _ = ppo.score_rollout(state.params, frozen, samples, 0.1, 0.2, models=LORA_MODELS, ppo=hyper)
-    return ppo.ppo_update(state, rollout, ptx, frozen=frozen, tx=TX, models=LORA_MODELS, ppo=hyper)[0].params
-
-  shard = lambda t: jax.tree.map(lambda x: np.asarray(x).reshape((n, -1) + np.shape(x)[1:]), t)
-  out = jax.pmap(fn, axis_name=parallel.AXIS, devices=jax.local_devices()[:n])(
-      parallel.replicate(state, n), parallel.replicate(frozen, n), shard(_samples(policy)), shard(_ptx()))
-  return parallel.unreplicate(out), params
-
-
-def test_lora_ppo_update_on_four_devices_equals_one_device():
-  (four, start), (one, _) = _lora_update_on(4), _lora_update_on(1)
-  for a, b, s in zip(jax.tree.leaves(four), jax.tree.leaves(one), jax.tree.leaves(start)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
-  assert max(float(np.abs(a - s).max()) for a, s in zip(jax.tree.leaves(one), jax.tree.leaves(start))) > 1e-3

@@ -45,6 +45,8 @@ def _overrides(corpus: str) -> dict:
 
 
 def test_two_processes_of_two_devices_train_like_one_process_of_four(task):
+  """2 processes × 2 devices, data parallel and with fsdp spanning the processes (mesh.fsdp=4: each process holds
+  half of every matrix and writes its own shards), train like 1 process × 4 devices (data parallel)."""
   root, files = task
   tok = tokenizer.load_tokenizer(SPM)
   with open(files["corpus"]) as f:
@@ -52,29 +54,33 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(task):
   corpus = os.path.join(root, "one_row_docs.txt")
   with open(corpus, "w") as f:
     f.write("\n".join(docs) + "\n")
-  single, multi = os.path.join(root, "single"), os.path.join(root, "multi")
+  single = os.path.join(root, "single")
+  multis = {os.path.join(root, "multi"): {}, os.path.join(root, "multi-fsdp"): {"mesh.fsdp": 4}}
   job = fd.Background(fd.command("pretrain", single, _overrides(corpus)), fd.stage_env(4), single + ".log")
   try:
-    outs = fd.run_processes(fd.multihost_commands("pretrain", multi, _overrides(corpus), 2, fd.free_port()),
-                            fd.stage_env(2), multi, timeout=240)
+    outs = {wd: fd.run_processes(fd.multihost_commands("pretrain", wd, {**_overrides(corpus), **mesh}, 2,
+                                                       fd.free_port()), fd.stage_env(2), wd, timeout=240)
+            for wd, mesh in multis.items()}
   finally:
     one = job.wait(240)
   assert one.returncode == 0, one.tail()
-  for i, out in enumerate(outs):
-    assert out.returncode == 0, out.tail()
-    assert f"process {i}/2: 2 local devices (cpu), 4 global" in out.log
-  rows1, rows2 = fd.metric_rows(single), fd.metric_rows(multi)  # process 0 alone writes metrics
-  assert [r["step"] for r in rows2] == [r["step"] for r in rows1] == list(range(1, STEPS + 1))
+  rows1 = fd.metric_rows(single)  # process 0 alone writes metrics
   loss1 = np.array([r["train_loss"] for r in rows1])
-  loss2 = np.array([r["train_loss"] for r in rows2])
-  np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
   assert loss1[-1] < loss1[0] - 0.1  # it trained
-  assert fd.finished_steps(multi) == [8, 12]
   p1, _ = checkpoint.load_params(single)
-  p2, extra = checkpoint.load_params(multi)
-  for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert extra["data"]["records"] == DOCS  # every host packs the global record order (one state resumes all)
+  for multi, mesh in multis.items():
+    for i, out in enumerate(outs[multi]):
+      assert out.returncode == 0, out.tail()
+      assert f"process {i}/2: 2 local devices (cpu), 4 global" in out.log
+      assert ("mesh data=1 × fsdp=4 × tensor=1" if mesh else "mesh data=4 × fsdp=1 × tensor=1") in out.log
+    rows2 = fd.metric_rows(multi)
+    assert [r["step"] for r in rows2] == [r["step"] for r in rows1] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(np.array([r["train_loss"] for r in rows2]), loss1, rtol=1e-5)
+    assert fd.finished_steps(multi) == [8, 12]
+    p2, extra = checkpoint.load_params(multi)  # written shard by shard by 2 processes, read here by 1
+    for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert extra["data"]["records"] == DOCS  # every host packs the global record order (one state resumes all)
 
 
 LATE_HOST = """import runpy, sys, time

@@ -44,8 +44,8 @@ def test_fsdp_holds_a_fraction_of_the_replicated_state_and_the_verdict_follows_t
 
 @pytest.mark.parametrize("kw,match", [
     (dict(spec="gpt5"), "--model='gpt5'"), (dict(spec="hf:/nonexistent"), "config.json does not exist"),
-    (dict(fsdp=3), "mesh data=1 x fsdp=3 x tensor=1 must multiply to --devices=4"),
-    (dict(stage="reward"), "--stage='reward'")])
+    (dict(fsdp=3), "mesh.data=1, mesh.fsdp=3, mesh.tensor=1: the product 3 must equal the device count (4)"),
+    (dict(stage="dpo"), "--stage='dpo'")])
 def test_bad_input_is_named(kw, match):
   with pytest.raises(ValueError, match=re.escape(match)):
     stage = kw.get("stage", "pretrain")
@@ -54,3 +54,22 @@ def test_bad_input_is_named(kw, match):
     if kw.get("fsdp") == 3:
       cfg.mesh.data = 1
     plan.run(stage, kw.get("spec", "tiny"), 4, 1.0, cfg)
+
+
+def test_reward_and_ppo_plans_on_the_tiny_preset_full_and_lora():
+  """Every planned stage compiles its own functions; LoRA's PPO state (adapters + head) is a fraction of full's."""
+  cfg = plan.stage_config("reward")
+  cfg.data.update(batch_size=4, seq_len=32, max_responses=2)
+  lines = plan.run("reward", "tiny", 4, 16.0, cfg)
+  assert [l.split()[0] for l in lines[1:-1]] == ["train_step", "eval_step"] and PEAK.match(lines[-1])
+  args = {}
+  for rank in (0, 4):
+    cfg = plan.stage_config("ppo")
+    cfg.ppo.update(rollout_batch=8, max_new_tokens=8, ptx_coef=0.0)
+    cfg.data.prompt_len = 8
+    cfg.lora.rank = rank
+    lines = plan.run("ppo", "tiny", 4, 16.0, cfg)
+    assert [l.split()[0] for l in lines[1:-1]] == ["sampler", "score_rollout", "ppo_update"], lines
+    args[rank] = _arguments_mib(lines, "ppo_update")
+  assert "LoRA rank 4" in lines[0]
+  assert args[4] < 0.6 * args[0]  # the frozen networks stay, the optimizer state shrinks to the adapters'

@@ -10,7 +10,7 @@ import pytest
 
 import fixtures
 from rlhf_jax import checkpoint, losses, metrics, parallel, ppo, sampling, stages
-from rlhf_jax.model import Transformer, TransformerConfig, init_params
+from rlhf_jax.model import Transformer, TransformerConfig, boxed_params, init_params, logical_axes
 
 CFG = TransformerConfig(vocab_size=16, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=1, max_len=16)
 PAD, EOS = 0, 3
@@ -87,21 +87,28 @@ def _score_and_update(state, frozen, samples, kl, offset, ptx, *, both: bool):
   return out
 
 
+POLICY_AXES = logical_axes(lambda: boxed_params(CFG, jax.random.PRNGKey(0)))
+RM_AXES = stages.reward_axes(CFG)
+
+
+def _sharded(mesh, state, frozen):
+  """(state, frozen) laid out on `mesh` by their logical axes."""
+  sh = parallel.state_shardings(mesh, state, ppo.Trainable(policy=POLICY_AXES, value=RM_AXES))
+  fsh = parallel.state_shardings(mesh, frozen, ppo.Frozen(ref=POLICY_AXES, reward=RM_AXES))
+  return parallel.shard_tree(state, sh), parallel.shard_tree(frozen, fsh), sh
+
+
 def _on_devices(n):
-  """Runs `_score_and_update` pmapped over the first n local devices; host outputs, the batch unsharded."""
+  """Runs `_score_and_update` compiled over the first n local devices (n = 4: data 2 × fsdp 2); host outputs."""
   policy, value, reward = _nets()
   params = ppo.Trainable(policy=policy, value=value)
   state = ppo.PPOState(jnp.int32(0), params, TX.init(params), jax.random.PRNGKey(3))
   frozen = ppo.Frozen(ref=init_params(CFG, jax.random.PRNGKey(9)), reward=reward)
-  shard = lambda t: jax.tree.map(lambda x: np.asarray(x).reshape((n, -1) + np.shape(x)[1:]), t)
-  fn = jax.pmap(functools.partial(_score_and_update, both=n == 4), axis_name=parallel.AXIS,
-                devices=jax.local_devices()[:n])
-  out = jax.device_get(fn(parallel.replicate(state, n), parallel.replicate(frozen, n), shard(_samples(policy)),
-                          parallel.replicate(np.float32(0.1), n), parallel.replicate(np.float32(0.2), n),
-                          shard(_ptx())))
-  rollout = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), out.pop("rollout"))
-  out = {k: jax.tree.map(lambda x: np.asarray(x[0]), v) for k, v in out.items()}  # device 0's copy
-  out["rollout"] = rollout
+  mesh = parallel.make_mesh({"fsdp": 2} if n == 4 else None, jax.local_devices()[:n])
+  state, frozen, _ = _sharded(mesh, state, frozen)
+  fn = parallel.jit(functools.partial(_score_and_update, both=n == 4), None, None)
+  out = parallel.to_host(fn(state, frozen, parallel.put_batch(mesh, _samples(policy)), np.float32(0.1),
+                            np.float32(0.2), parallel.put_batch(mesh, _ptx())))
   out["start"] = jax.device_get(params)
   return out
 
@@ -183,7 +190,7 @@ def _count_scorer(params, tokens_NxL, positions_NxL, segment_ids_NxL, last_idx_N
 
 def _exact_kl(policy, ref, samples):
   """Mean over valid response slots of the full KL(π(·|s) ‖ π_ref(·|s)), summed over the vocabulary."""
-  s = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), samples)
+  s = parallel.to_host(samples)
   logp = [jax.nn.log_softmax(ppo.response_logits(p, CFG, s.sequence_BxPT, s.sequence_mask_BxPT, s.positions_BxPT,
                                                  T_TOY)[0], axis=-1) for p in (policy, ref)]
   kl_BxT = np.sum(np.exp(logp[0]) * (logp[0] - logp[1]), axis=-1)
@@ -192,23 +199,21 @@ def _exact_kl(policy, ref, samples):
 
 def _toy_run(kl_coef, fns, tx):
   """ITERS iterations of sample -> score (count of X, KL-shaped) -> PPO update from the same random policy."""
-  sampler, p_score, p_update = fns
+  mesh, sampler, p_score, p_update = fns
   policy, value, _ = _nets(seed=1)
   params = ppo.Trainable(policy=policy, value=value)
-  state_R = parallel.replicate(ppo.PPOState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0)))
-  frozen_R = parallel.replicate(ppo.Frozen(ref=policy, reward={}))
+  state = ppo.PPOState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0))
+  state, frozen, _ = _sharded(mesh, state, ppo.Frozen(ref=policy, reward=None))
   rng = np.random.default_rng(0)
   scores, kls = [], []
   for it in range(ITERS + 1):
-    prompts = parallel.shard_batch(rng.integers(4, CFG.vocab_size, (B_TOY, P_TOY)).astype(np.int32))
-    keys = jax.random.split(jax.random.PRNGKey(it), 4)
-    samples = sampler(state_R.params.policy, prompts, np.ones_like(prompts), keys)
-    rollout, sums = p_score(state_R.params, frozen_R, samples, parallel.replicate(np.float32(kl_coef)),
-                            parallel.replicate(np.float32(0.0)))
-    scores.append(ppo._host_metrics(jax.tree.map(lambda x: x[0], sums))["score"])
-    kls.append(_exact_kl(parallel.unreplicate(state_R.params.policy), policy, samples))
+    prompts = parallel.put_batch(mesh, rng.integers(4, CFG.vocab_size, (B_TOY, P_TOY)).astype(np.int32))
+    samples = sampler(state.params.policy, prompts, jnp.ones_like(prompts), jax.random.PRNGKey(it))
+    rollout, sums = p_score(state.params, frozen, samples, np.float32(kl_coef), np.float32(0.0))
+    scores.append(ppo._host_metrics(parallel.to_host(sums))["score"])
+    kls.append(_exact_kl(parallel.to_host(state.params.policy), policy, samples))
     if it < ITERS:  # the last rollout only measures
-      state_R, _ = p_update(state_R, rollout, None)
+      state, _ = p_update(state, rollout, None)
   return {"score": scores, "kl": kls}
 
 
@@ -218,9 +223,13 @@ def toy_runs():
   tx = optax.adam(1e-2)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(losses, "sequence_scores", _count_scorer)
-    fns = (sampling.make_sampler(parallel.pmap, CFG, max_new_tokens=T_TOY, eos_id=EOS, pad_id=PAD),
-           parallel.pmap(functools.partial(ppo.score_rollout, models=MODELS, ppo=H_TOY)),
-           parallel.pmap(functools.partial(ppo.ppo_update, tx=tx, models=MODELS, ppo=H_TOY)))
+    mesh = parallel.make_mesh()
+    policy, value, _ = _nets(seed=1)
+    params = ppo.Trainable(policy=policy, value=value)
+    _, _, sh = _sharded(mesh, ppo.PPOState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0)),
+                        ppo.Frozen(ref=policy, reward=None))
+    fns = (mesh, sampling.make_sampler(mesh, CFG, max_new_tokens=T_TOY, eos_id=EOS, pad_id=PAD),
+           *ppo.compile_steps(mesh, sh, tx, MODELS, H_TOY))
     return {beta: _toy_run(beta, fns, tx) for beta in (0.0, 2.0)}
 
 

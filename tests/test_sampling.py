@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import model as M
+from rlhf_jax import parallel
 from rlhf_jax import sampling as S
 
 FAMILIES = ["gpt2", "llama"]
@@ -222,28 +223,34 @@ def test_temperature_is_traced_not_static():
 
 
 def test_make_sampler_over_four_devices():
-  """`make_sampler(jax.pmap)` on 4 devices: greedy rows == their argmax loops; per-device rngs draw differently."""
+  """`make_sampler(mesh)` on 4 devices (data 2 × tensor 2, params sharded): greedy rows == their argmax loops;
+  sampled rows == the one-device `sample` with the same key; identical prompts draw differently."""
   assert jax.local_device_count() == 4
   cfg, params = _cfg("llama"), _params(_cfg("llama"))
   prompts = (_prompts() + _prompts(7) + _prompts(8))[:8]
   tokens, mask = _pad(prompts, "right")
   common = dict(max_new_tokens=T, eos_id=EOS, pad_id=PAD)
-  shard = lambda x: np.asarray(x).reshape((4, 2) + x.shape[1:])
-  rngs = jax.random.split(jax.random.PRNGKey(0), 4)
-  replicated = jax.tree.map(lambda x: jnp.stack([x] * 4), params)
-  mapped = S.make_sampler(jax.pmap, cfg, greedy=True, **common)(replicated, shard(tokens), shard(mask), rngs)
-  assert mapped.tokens_BxT.shape == (4, 2, T) and mapped.sequence_BxPT.shape == (4, 2, P + T)
+  mesh = parallel.make_mesh({"tensor": 2})
+  specs = M.logical_axes(lambda: M.boxed_params(cfg, jax.random.PRNGKey(0)))
+  sharded = parallel.shard_tree(params, parallel.param_shardings(mesh, params, specs))
+  put = lambda *xs: [parallel.put_batch(mesh, x) for x in xs]
+  out = S.make_sampler(mesh, cfg, greedy=True, **common)(sharded, *put(tokens, mask), jax.random.PRNGKey(0))
+  mapped = parallel.to_host(out)
+  assert mapped.tokens_BxT.shape == (8, T) and mapped.sequence_BxPT.shape == (8, P + T)
   for b, prompt in enumerate(prompts):
     ref_tokens, ref_logps = _cut_at(*_greedy_reference(cfg, params, prompt), EOS)
     n = len(ref_tokens)
-    np.testing.assert_array_equal(mapped.tokens_BxT[b // 2, b % 2], ref_tokens + [PAD] * (T - n))
-    np.testing.assert_allclose(mapped.logprobs_BxT[b // 2, b % 2, :n], ref_logps, atol=1e-5)
-    assert mapped.lengths_B[b // 2, b % 2] == n
+    np.testing.assert_array_equal(mapped.tokens_BxT[b], ref_tokens + [PAD] * (T - n))
+    np.testing.assert_allclose(mapped.logprobs_BxT[b, :n], ref_logps, atol=1e-5)
+    assert mapped.lengths_B[b] == n
   one_tokens, one_mask = np.tile(tokens[:1], (8, 1)), np.tile(mask[:1], (8, 1))
-  drawn = S.make_sampler(jax.pmap, cfg, temperature=1.5, **common)(replicated, shard(one_tokens), shard(one_mask),
-                                                                    rngs)
-  per_device = np.asarray(drawn.tokens_BxT)[:, 0]
-  assert len({tuple(row) for row in per_device}) > 1
+  key = jax.random.PRNGKey(3)
+  drawn = parallel.to_host(S.make_sampler(mesh, cfg, temperature=1.5, **common)(
+      sharded, *put(one_tokens, one_mask), key))
+  alone = S.sample(params, cfg, one_tokens, one_mask, key, temperature=1.5, **common)
+  np.testing.assert_array_equal(drawn.tokens_BxT, np.asarray(alone.tokens_BxT))
+  np.testing.assert_allclose(drawn.logprobs_BxT, np.asarray(alone.logprobs_BxT), atol=1e-5)
+  assert len({tuple(row) for row in drawn.tokens_BxT}) > 1
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -260,7 +267,7 @@ def test_bad_options_raise_value_error(kw, match):
   with pytest.raises(ValueError, match=match):
     S.sample(params, cfg, tokens, mask, jax.random.PRNGKey(0), **args)
   with pytest.raises(ValueError, match=match):  # at construction, before any device call
-    S.make_sampler(jax.pmap, cfg, **args)
+    S.make_sampler(parallel.make_mesh(), cfg, **args)
 
 
 def test_too_long_names_prompt_length_max_new_tokens_and_max_len():
@@ -269,9 +276,10 @@ def test_too_long_names_prompt_length_max_new_tokens_and_max_len():
   match = r"P=6 \+ max_new_tokens=11 = 17 exceeds TransformerConfig.max_len=16"
   with pytest.raises(ValueError, match=match):
     S.sample(params, cfg, tokens, mask, jax.random.PRNGKey(0), max_new_tokens=11, eos_id=EOS, pad_id=PAD)
-  mapped = S.make_sampler(jax.pmap, cfg, max_new_tokens=11, eos_id=EOS, pad_id=PAD)
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  mapped = S.make_sampler(mesh, cfg, max_new_tokens=11, eos_id=EOS, pad_id=PAD)
   with pytest.raises(ValueError, match=match):  # the prompt length is known at the first (traced) call
-    mapped(jax.tree.map(lambda x: x[None], params), tokens[None], mask[None], jax.random.PRNGKey(0)[None])
+    mapped(params, parallel.put_batch(mesh, tokens), parallel.put_batch(mesh, mask), jax.random.PRNGKey(0))
 
 
 def test_bad_prompts_raise_value_error():

@@ -292,8 +292,20 @@ def _bad_case(name, pipe, tok96, d):
         "architecture?): missing [\"['embed']['embedding']\"")
   if name == "global batch not divisible by devices":
     cfg = pre(**{"data.batch_size": 6})
-    return lambda: stages.run_lm(cfg, wd, "pretrain"), \
-        "data.batch_size=6 gives 6 rows per host, not divisible by the local device count (4)"
+    return lambda: stages.run_lm(cfg, wd, "pretrain"), (
+        "data.batch_size=6 gives 6 rows per host, not divisible by the host's batch shards (4: mesh.data × mesh.fsdp / "
+        "process_count; by default its local devices)")
+  if name == "global batch not divisible by data × fsdp":
+    cfg = pre(**{"data.batch_size": 5, "mesh.fsdp": 2, "mesh.data": 1, "mesh.tensor": 2})
+    return lambda: stages.run_lm(cfg, wd, "pretrain"), ("data.batch_size=5 gives 5 rows per host, not divisible by "
+                                                        "the host's batch shards (2:")
+  if name == "mesh product != device count":
+    cfg = pre(**{"mesh.data": 3})
+    return lambda: stages.run_lm(cfg, wd, "pretrain"), ("config mesh.data=3, mesh.fsdp=1, mesh.tensor=1: the product 3 "
+                                                        "must equal the device count (4)")
+  if name == "model.num_heads not divisible by mesh.tensor":
+    cfg = pre(**{"mesh.tensor": 4})
+    return lambda: stages.run_lm(cfg, wd, "pretrain"), "config model.num_heads=2 is not divisible by config mesh.tensor=4"
   if name == "data.seq_len > model.max_len":
     cfg = pre(**{"data.seq_len": 100, "tokenizer.path": pre_tok})
     return lambda: stages.run_lm(cfg, wd, "pretrain"), "config data.seq_len=100 exceeds model.max_len=64"
@@ -304,8 +316,8 @@ def _bad_case(name, pipe, tok96, d):
                                       "policy's max_len=64")
   if name == "ppo rollout_batch not divisible by devices":
     cfg = _with(ppo_cfg, **{"ppo.rollout_batch": 6})
-    return lambda: ppo.run(cfg, wd), ("config ppo.rollout_batch=6 must be a positive multiple of the local device "
-                                      "count (4)")
+    return lambda: ppo.run(cfg, wd), ("config ppo.rollout_batch=6 must be a positive multiple of the batch shards "
+                                      "(mesh.data × mesh.fsdp = 4 × 1 = 4)")
   if name == "ppo reward_from not a reward model":
     cfg = _with(ppo_cfg, **{"ppo.reward_from": pipe["sft"]})
     return lambda: ppo.run(cfg, wd), (f"config ppo.reward_from={pipe['sft']!r} is not a reward-model workdir (its checkpoint says "
@@ -325,6 +337,8 @@ BAD_INPUTS = ["missing data file", "empty data file", "malformed JSONL line", "c
               "reward loss.lm_coef < 0",
               "tokenizer vocab != model.vocab_size", "tokenizer vocab != init_from vocab",
               "init_from a different architecture (RM workdir into SFT)", "global batch not divisible by devices",
+              "global batch not divisible by data × fsdp", "mesh product != device count",
+              "model.num_heads not divisible by mesh.tensor",
               "data.seq_len > model.max_len", "ppo prompt_len + max_new_tokens > max_len",
               "ppo rollout_batch not divisible by devices", "ppo reward_from not a reward model"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import losses, metrics, optimizer, parallel, trainer
-from rlhf_jax.model import Transformer, TransformerConfig, init_params
+from rlhf_jax.model import Transformer, TransformerConfig, boxed_params, init_params, logical_axes
 
 CFG = TransformerConfig(vocab_size=32, d_model=16, num_heads=2, num_kv_heads=2, d_ff=32, num_layers=1, max_len=16)
 
@@ -42,13 +42,13 @@ def _state(opt):
 LOSS = functools.partial(losses.lm_loss, cfg=CFG)
 
 
-def _step_on(devices, state, batch):
-  n = len(devices)
-  p_step = jax.pmap(functools.partial(trainer.train_step, loss_fn=LOSS), axis_name=parallel.AXIS, devices=devices)
-  state_R = parallel.replicate(state, n)
-  sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
-  new_R, sums = p_step(state_R, sharded)
-  return jax.tree.map(lambda x: np.asarray(x[0]), new_R), metrics.summarize(jax.tree.map(lambda x: x[0], sums))
+def _step_on(devices, state, batch, mesh_cfg=None):
+  """One compiled train step on a mesh of `devices` (default layout: data parallel); host state and metrics."""
+  mesh = parallel.make_mesh(mesh_cfg, devices)
+  sh = parallel.state_shardings(mesh, state, logical_axes(lambda: boxed_params(CFG, jax.random.PRNGKey(0))))
+  p_train, _ = trainer.compile_steps(LOSS, mesh, sh)
+  new, sums = p_train(parallel.shard_tree(state, sh), parallel.put_batch(mesh, batch, "data.batch_size"))
+  return parallel.to_host(new), metrics.summarize(parallel.to_host(sums))
 
 
 def test_four_devices_equal_one_device_on_the_full_batch():
@@ -57,9 +57,11 @@ def test_four_devices_equal_one_device_on_the_full_batch():
   batch = _batch(0)
   new4, m4 = _step_on(jax.local_devices(), state, batch)
   new1, m1 = _step_on(jax.local_devices()[:1], state, batch)
-  for a, b in zip(jax.tree.leaves(new4.params), jax.tree.leaves(new1.params)):
+  newf, mf = _step_on(jax.local_devices(), state, batch, {"fsdp": 2, "tensor": 2})
+  for a, b, c in zip(jax.tree.leaves(new4.params), jax.tree.leaves(new1.params), jax.tree.leaves(newf.params)):
     np.testing.assert_allclose(a, b, atol=1e-5)
-  assert abs(m4["loss"] - m1["loss"]) < 1e-5
+    np.testing.assert_allclose(c, b, atol=1e-5)
+  assert abs(m4["loss"] - m1["loss"]) < 1e-5 and abs(mf["loss"] - m1["loss"]) < 1e-5
   # the loss is the mean over real tokens, not a mean of per-device means
   logits, _ = Transformer(CFG).apply({"params": state.params}, batch["inputs"], batch["positions"],
                                      batch["segment_ids"])
@@ -166,8 +168,8 @@ def test_lm_loss_accuracy_counts_masked_targets_with_the_largest_logit():
 
 
 def test_batch_not_divisible_by_devices_names_the_field():
-  with pytest.raises(ValueError, match=r"data.batch_size=6 .*device count \(4\)"):
-    parallel.shard_batch(_batch(0, B=6), "data.batch_size")
+  with pytest.raises(ValueError, match=r"data.batch_size=6 .*batch shards \(mesh.data × mesh.fsdp = 4 × 1 = 4\)"):
+    parallel.put_batch(parallel.make_mesh(), _batch(0, B=6), "data.batch_size")
 
 
 def test_resume_with_other_parameters_names_them(tmp_path):
