@@ -39,7 +39,7 @@ def test_row_blocked_attention_equals_batched_attention():
   seg[0, 70:] = 2  # two packed documents
   seg[1, 140:] = 0  # padding
   rows = jax.jit(A.causal_attention)(q, k, v, jnp.asarray(seg))
-  batched = A.batched_attention(q, k, v, jnp.asarray(seg))
+  batched = jax.jit(A.batched_attention)(q, k, v, jnp.asarray(seg))
   real = seg > 0
   np.testing.assert_allclose(np.asarray(rows)[real], np.asarray(batched)[real], atol=1e-5)
   np.testing.assert_array_equal(np.asarray(rows)[~real], 0.0)  # a query with no key gives 0 (and no gradient)
@@ -54,8 +54,8 @@ def test_xla_kernel_equals_batched_with_gqa_on_real_queries():
   gradients (the row kernel: the test above)."""
   fn = lambda *a: A.fused_attention(*a, implementation="xla")
   q, k, v, seg = _qkv_seg(40)
-  np.testing.assert_allclose(np.asarray(fn(q, k, v, jnp.asarray(seg)))[seg > 0],
-                             np.asarray(A.batched_attention(q, k, v, jnp.asarray(seg)))[seg > 0], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.jit(fn)(q, k, v, jnp.asarray(seg)))[seg > 0],
+                             np.asarray(jax.jit(A.batched_attention)(q, k, v, jnp.asarray(seg)))[seg > 0], atol=1e-5)
   grads = lambda f: _masked_grads(f, q, k, v, seg)
   for got, want in zip(grads(fn), grads(A.batched_attention)):
     np.testing.assert_allclose(got, want, atol=1e-4)

@@ -256,6 +256,7 @@ def test_packed_comparison_stream_resumes_and_shards_over_hosts(tok, tmp_path):
 
 
 def test_packed_reward_loss_and_grads_equal_the_padded_layout(tok, tmp_path):
+  import functools
   import jax
   from rlhf_jax import losses, stages
   from rlhf_jax.model import TransformerConfig
@@ -277,10 +278,10 @@ def test_packed_reward_loss_and_grads_equal_the_padded_layout(tok, tmp_path):
   # reference: each sequence alone in its own right-padded row, then −log σ(s_w − s_l) over the ranked pairs
   seqs = [[tok.bos_id] + tok.encode(r["prompt"]) + tok.encode(x) + [tok.eos_id] for r in recs for x in r["responses"]]
   rows = np.array([s + [0] * (48 - len(s)) for s in seqs], np.int32)
-  scores = np.asarray(losses.sequence_scores(params, rows, np.tile(np.arange(48), (len(seqs), 1)),
-                                             (rows != 0).astype(np.int32) * (np.arange(48) < np.array(
-                                                 [len(s) for s in seqs])[:, None]),
-                                             np.array([len(s) - 1 for s in seqs]), cfg=cfg), np.float64)
+  scores = np.asarray(jax.jit(functools.partial(losses.sequence_scores, cfg=cfg))(
+      params, rows, np.tile(np.arange(48), (len(seqs), 1)),
+      (rows != 0).astype(np.int32) * (np.arange(48) < np.array([len(s) for s in seqs])[:, None]),
+      np.array([len(s) - 1 for s in seqs])), np.float64)
   want, pairs, at = 0.0, 0, 0
   for r in recs:
     s, rank = scores[at:at + len(r["responses"])], [r["ranking"].index(k) for k in range(len(r["responses"]))]
@@ -481,33 +482,50 @@ def test_local_records_leave_nothing_in_the_system_temp_dir(tmp_path, monkeypatc
   assert os.listdir(system_tmp) == []
 
 
+def _lone_forwards(backbone, cfg, seqs):
+  """(logits_NxLxV, h_NxLxD) of each sequence alone in its own right-padded row of cfg.max_len (positions from 0,
+  segment 1 on its tokens; causal, so the pad slots after it change nothing), one jitted forward for all rows."""
+  import jax
+  from rlhf_jax.model import Transformer
+  L = cfg.max_len
+  rows = np.array([s + [0] * (L - len(s)) for s in seqs], np.int32)
+  seg = (np.arange(L) < np.array([len(s) for s in seqs])[:, None]).astype(np.int32)
+  fwd = jax.jit(lambda p, t, s: Transformer(cfg).apply({"params": p}, t, np.tile(np.arange(L), (len(seqs), 1)), s))
+  return tuple(np.asarray(x, np.float64) for x in fwd(backbone, rows, seg))
+
+
+def _next_token_nll(logits_LxV, seq):
+  """−log softmax(logits)[next token] at each slot t < len(seq) − 1 (float64)."""
+  z = logits_LxV[:len(seq) - 1]
+  z = z - z.max(-1, keepdims=True)
+  return np.log(np.exp(z).sum(-1)) - z[np.arange(len(seq) - 1), seq[1:]]
+
+
 def test_reward_lm_term_is_the_next_token_loss_of_each_best_response(tok, tmp_path):
   """reward_loss(lm_coef=c): aux lm_loss sums the next-token loss over each record's best response (+ eos), as a
   lone forward of that sequence gives it; the total is the pair loss + c × that token mean × pairs."""
+  import functools
   import jax
-  import optax
   from rlhf_jax import losses, stages
-  from rlhf_jax.model import Transformer, TransformerConfig
+  from rlhf_jax.model import TransformerConfig
   cfg = TransformerConfig(vocab_size=512, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=2, max_len=48)
   params = stages.fresh_reward_params(cfg, jax.random.PRNGKey(1))
   recs = _comparison_records()
   loader = data.make_comparison_loader(_jsonl(tmp_path / "cmp.jsonl", recs), tok, 48, 4, 4, 0, str(tmp_path),
                                        train=False, local_device_count=1, max_records=4)
+  loss = {c: jax.jit(functools.partial(losses.reward_loss, rng=None, cfg=cfg, lm_coef=c)) for c in (0.0, 0.5)}
   got_sum = got_n = 0.0
   for b in loader:
-    plain, _ = losses.reward_loss(params, b, None, cfg=cfg)
-    total, aux = losses.reward_loss(params, b, None, cfg=cfg, lm_coef=0.5)
+    plain, _ = loss[0.0](params, b)
+    total, aux = loss[0.5](params, b)
     (lm_sum, lm_n), pairs = aux["lm_loss"], aux["loss"][1]
     np.testing.assert_allclose(total, plain + 0.5 * lm_sum / lm_n * pairs, rtol=1e-5)
     got_sum, got_n = got_sum + float(lm_sum), got_n + float(lm_n)
-  want_sum = want_n = 0.0
-  for r in recs:
-    prompt = [tok.bos_id] + tok.encode(r["prompt"])
-    seq = prompt + tok.encode(r["responses"][r["ranking"][0]]) + [tok.eos_id]
-    logits, _ = Transformer(cfg).apply({"params": params["backbone"]}, np.array([seq], np.int32))
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], np.array(seq[1:]))
-    want_sum += float(np.sum(np.asarray(nll)[len(prompt) - 1:]))
-    want_n += len(seq) - len(prompt)
+  prompts = [[tok.bos_id] + tok.encode(r["prompt"]) for r in recs]
+  seqs = [p + tok.encode(r["responses"][r["ranking"][0]]) + [tok.eos_id] for p, r in zip(prompts, recs)]
+  logits, _ = _lone_forwards(params["backbone"], cfg, seqs)
+  want_sum = sum(float(np.sum(_next_token_nll(z, s)[len(p) - 1:])) for z, s, p in zip(logits, seqs, prompts))
+  want_n = sum(len(s) - len(p) for s, p in zip(seqs, prompts))
   assert got_n == want_n
   np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5)
 
@@ -516,27 +534,25 @@ def test_rm_likelihood_feature_and_token_head_packed_and_ppo_layouts_match_lone_
   """An RM with "loglik" and "token_head" scores head(h_last) + a · Σ log π_backbone(response + eos | prompt)
   + Σ u(h_t) over the response + eos slots, the same packed (training, score_texts) and in PPO's left-padded
   prompt | response layout (sequence_scores + response mask)."""
+  import functools
   import jax
-  import optax
   from rlhf_jax import losses, stages
-  from rlhf_jax.model import ScalarHead, Transformer, TransformerConfig
+  from rlhf_jax.model import ScalarHead, TransformerConfig
   cfg = TransformerConfig(vocab_size=512, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, num_layers=2, max_len=64)
   params = stages.fresh_reward_params(cfg, jax.random.PRNGKey(2), loglik=True, token_head=True)
   assert not np.any(params["token_head"]["dense"]["kernel"])  # starts as the plain RM
   params = {**params, "loglik": np.float32(0.7), "token_head": stages.fresh_reward_params(
       cfg, jax.random.PRNGKey(3))["head"]}
   recs = _comparison_records()
-  want = {}
-  for r in recs:
-    for x in r["responses"]:
-      prompt = [tok.bos_id] + tok.encode(r["prompt"])
-      seq = prompt + tok.encode(x) + [tok.eos_id]
-      logits, h = Transformer(cfg).apply({"params": params["backbone"]}, np.array([seq], np.int32))
-      nll = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], np.array(seq[1:]))
-      head = ScalarHead(cfg).apply({"params": params["head"]}, h[:, -1:])[0, 0]
-      per_token = ScalarHead(cfg).apply({"params": params["token_head"]}, h)[0, len(prompt):]
-      want[(r["prompt"], x)] = (float(head) - 0.7 * float(np.sum(np.asarray(nll)[len(prompt) - 1:]))
-                                + float(np.sum(per_token)))
+  keys = [(r["prompt"], x) for r in recs for x in r["responses"]]
+  plens = [1 + len(tok.encode(p)) for p, _ in keys]
+  seqs = [[tok.bos_id] + tok.encode(p) + tok.encode(x) + [tok.eos_id] for p, x in keys]
+  logits, h = _lone_forwards(params["backbone"], cfg, seqs)
+  head = lambda p, h_NxD: np.asarray(ScalarHead(cfg).apply({"params": p}, h_NxD), np.float64)
+  at_eos = head(params["head"], h[np.arange(len(seqs)), [len(s) - 1 for s in seqs]])  # h at each sequence's eos
+  per_token = head(params["token_head"], h)
+  want = {k: float(at_eos[i]) - 0.7 * float(np.sum(_next_token_nll(logits[i], s)[n - 1:]))
+          + float(np.sum(per_token[i, n:len(s)])) for i, (k, s, n) in enumerate(zip(keys, seqs, plens))}
   prompts = [r["prompt"] for r in recs for _ in r["responses"]]
   responses = [x for r in recs for x in r["responses"]]
   got = stages.score_texts(params, cfg, tok, prompts, responses, 48, batch_size=8)
@@ -550,10 +566,10 @@ def test_rm_likelihood_feature_and_token_head_packed_and_ppo_layouts_match_lone_
     m = [0] * (P - len(pr)) + [1] * (len(pr) + len(resp)) + [0] * (T - len(resp))
     rows.append(row), seg.append(m), pos.append(list(np.maximum(np.cumsum(m) - 1, 0)))
     last.append(P + len(resp) - 1), pred.append([0] * (P - 1) + [1] * len(resp) + [0] * (T - len(resp) + 1))
-  ppo_scores = losses.sequence_scores(params, np.array(rows, np.int32), np.array(pos, np.int32),
-                                      np.array(seg, np.int32), np.array(last, np.int32),
-                                      np.array(pred, np.float32), cfg=cfg)
+  scores = jax.jit(functools.partial(losses.sequence_scores, cfg=cfg))
+  ppo_scores = scores(params, np.array(rows, np.int32), np.array(pos, np.int32), np.array(seg, np.int32),
+                      np.array(last, np.int32), np.array(pred, np.float32))
   np.testing.assert_allclose(ppo_scores, got, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="likelihood feature or token head"):
-    losses.sequence_scores(params, np.array(rows, np.int32), np.array(pos, np.int32), np.array(seg, np.int32),
-                           np.array(last, np.int32), cfg=cfg)
+    scores(params, np.array(rows, np.int32), np.array(pos, np.int32), np.array(seg, np.int32),
+           np.array(last, np.int32))

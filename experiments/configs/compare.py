@@ -12,8 +12,9 @@ against KL to SFT over training). Measured: BENCHMARKS.md, "Side by side".
 """
 import ml_collections
 
+from experiments.configs import pipeline as pipeline_config
 from rlhf_jax import compare
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return compare.config()
+  return pipeline_config.main_job_sizes(compare.config())  # the pipeline's base stages, at `make demo`'s sizes
