@@ -93,7 +93,7 @@ def _tiny_config():
   cfg.sft.train.num_steps = cfg.sft.train.checkpoint_every = 120
   cfg.sft.opt.lr = 1e-2
   cfg.rl.data.ptx_batch_size = 8
-  cfg.comparisons.update(dict(num_prompts=30, num_heldout=8, temperature=1.0))
+  cfg.comparisons.update(dict(num_prompts=30, num_heldout=8, temperature=1.5))  # diverse samples: some differ
   cfg.ppo.update(dict(rollout_batch=8, minibatches=2, max_new_tokens=6, sample_every=0))
   cfg.eval.num_prompts = 8
   cfg.grid.samples_per_question = 2
