@@ -42,10 +42,11 @@ def step_rng(state: TrainState) -> jax.Array:
 
 def mean_grads(loss_fn: LossFn, params, batch, rng):
   """(aux, grads of the global mean loss): value_and_grad of the summed loss over the global batch, divided by the
-  global count (GSPMD sums the per-shard gradients)."""
+  global count (GSPMD sums the per-shard gradients), in each parameter's dtype (a float32 count would promote
+  bfloat16 gradients, and with them Adam's moments, to float32)."""
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
   count = jnp.asarray(aux["loss"][1], jnp.float32)
-  return aux, jax.tree.map(lambda g: g / jnp.maximum(count, 1e-9), grads)
+  return aux, jax.tree.map(lambda g: (g / jnp.maximum(count, 1e-9)).astype(g.dtype), grads)
 
 
 def _bind(loss_fn, frozen):
