@@ -1,4 +1,6 @@
 """Transformer: shapes, causality, packing, GQA, KV-cache decode == full forward, config errors."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,8 +20,16 @@ def _cfg(family, **kw):
 FAMILIES = ["gpt2", "llama"]
 
 
-def _apply(cfg, params, tokens, **kw):
-  return M.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), **kw)
+@functools.partial(jax.jit, static_argnames=("cfg", "logits_slots"))
+def _forward(params, tokens, positions_BxL, segment_ids_BxL, *, cfg, logits_slots):
+  kw = {k: v for k, v in dict(positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
+                              logits_slots=logits_slots).items() if v is not None}
+  return M.Transformer(cfg).apply({"params": params}, tokens, **kw)
+
+
+def _apply(cfg, params, tokens, positions_BxL=None, segment_ids_BxL=None, logits_slots=None):
+  """The model's forward, jitted (one compilation per config and shape instead of op-by-op dispatch)."""
+  return _forward(params, jnp.asarray(tokens), positions_BxL, segment_ids_BxL, cfg=cfg, logits_slots=logits_slots)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -97,13 +107,12 @@ def test_decode_path_equals_full_forward(family):
   pos = np.maximum(np.cumsum(segs, axis=1) - 1, 0)
   full, _ = _apply(cfg, params, tokens, positions_BxL=jnp.asarray(pos), segment_ids_BxL=jnp.asarray(segs))
   model = M.Transformer(cfg)
-  cache = M.init_cache(cfg, B, P + T)
-  logits, state = model.apply({"params": params, "cache": cache}, tokens[:, :P], pos[:, :P], segs[:, :P],
-                              decode=True, mutable=["cache"])
+  step = jax.jit(lambda params, cache, t, p, s: model.apply({"params": params, "cache": cache}, t, p, s, decode=True,
+                                                            mutable=["cache"]))  # compiled once per length
+  logits, state = step(params, M.init_cache(cfg, B, P + T), tokens[:, :P], pos[:, :P], segs[:, :P])
   steps = [logits[0]]
   for t in range(P, P + T):
-    logits, state = model.apply({"params": params, "cache": state["cache"]}, tokens[:, t:t + 1], pos[:, t:t + 1],
-                                segs[:, t:t + 1], decode=True, mutable=["cache"])
+    logits, state = step(params, state["cache"], tokens[:, t:t + 1], pos[:, t:t + 1], segs[:, t:t + 1])
     steps.append(logits[0])
   decoded = np.concatenate([np.asarray(s) for s in steps], axis=1)
   valid = segs.astype(bool)
