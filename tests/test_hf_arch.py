@@ -5,6 +5,7 @@ The checkpoints and reference logits in testdata/hf/ come from tests/testdata/ma
 (transformers 4.57.6 + torch in a separate virtualenv), so these tests need no torch.
 """
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -32,8 +33,14 @@ def _reference(name):
   return np.load(os.path.join(DATA, name, "reference.npz"))
 
 
+@functools.partial(jax.jit, static_argnames="cfg")
+def _forward(params, tokens_BxL, *, cfg):
+  return M.Transformer(cfg).apply({"params": params}, tokens_BxL)[0]
+
+
 def _logits(cfg, params, tokens_BxL):
-  return np.asarray(M.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens_BxL))[0])
+  """The full forward's logits, jitted (one compilation per config and shape, not op-by-op dispatch)."""
+  return np.asarray(_forward(params, jnp.asarray(tokens_BxL), cfg=cfg))
 
 
 def _edited(name, tmp_path, **changes):
@@ -141,12 +148,12 @@ def test_kv_cache_decode_equals_full_forward(name):
   B, L = tokens_BxL.shape
   pos_BxL, seg_BxL = np.broadcast_to(np.arange(L), (B, L)), np.ones((B, L), np.int32)
   model, P = M.Transformer(cfg), 5
-  logits, state = model.apply({"params": params, "cache": M.init_cache(cfg, B, L)}, tokens_BxL[:, :P],
-                              pos_BxL[:, :P], seg_BxL[:, :P], decode=True, mutable=["cache"])
+  step = jax.jit(lambda params, cache, t, p, s: model.apply({"params": params, "cache": cache}, t, p, s, decode=True,
+                                                            mutable=["cache"]))  # compiled once per length
+  logits, state = step(params, M.init_cache(cfg, B, L), tokens_BxL[:, :P], pos_BxL[:, :P], seg_BxL[:, :P])
   steps = [np.asarray(logits[0])]
   for t in range(P, L):
-    logits, state = model.apply({"params": params, "cache": state["cache"]}, tokens_BxL[:, t:t + 1],
-                                pos_BxL[:, t:t + 1], seg_BxL[:, t:t + 1], decode=True, mutable=["cache"])
+    logits, state = step(params, state["cache"], tokens_BxL[:, t:t + 1], pos_BxL[:, t:t + 1], seg_BxL[:, t:t + 1])
     steps.append(np.asarray(logits[0]))
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full_BxLxV, atol=1e-4)
 
