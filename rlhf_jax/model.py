@@ -24,6 +24,7 @@ picks the Hugging Face architecture hf_import writes. What differs is in fields:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any
@@ -307,31 +308,33 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode: bool = False,
                logits_slots: tuple[int, int] | None = None):
     """`logits_slots=(a, b)` applies the output head to slots a..b-1 only (logits_Bx(b-a)xV; h stays BxLxD):
-    a PPO forward needs logits at the response slots, the sampler's prefill at the last one."""
+    a PPO forward needs logits at the response slots, the sampler's prefill at the last one. Decode leaves the
+    activations' layout to GSPMD (parallel.unconstrained; the cache has its own constraint)."""
     cfg = self.cfg
-    if tokens_BxL.shape[1] > cfg.max_len:
-      raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds TransformerConfig.max_len={cfg.max_len}")
-    if segment_ids_BxL is None:
-      segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
-    if positions_BxL is None:
-      if decode:
-        raise ValueError("decode=True needs explicit positions_BxL (the slot's position in its sequence)")
-      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                     embedding_init=_named(nn.initializers.normal(0.02), ("vocab", "embed")), name="embed")
-    x_BxLxD = embed(tokens_BxL)
-    if cfg.family == "gpt2":
-      x_BxLxD = x_BxLxD + nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                                   embedding_init=_named(nn.initializers.normal(0.01), ("positions", "embed")),
-                                   name="pos_embed")(positions_BxL)
-    x_BxLxD = _blocks(cfg, _constrain(x_BxLxD, _BLD), positions_BxL, segment_ids_BxL, decode)
-    h_BxLxD = _constrain(_norm(cfg, "final_norm")(x_BxLxD), _BLD)
-    head_in_BxLxD = h_BxLxD if logits_slots is None else h_BxLxD[:, logits_slots[0]:logits_slots[1]]
-    if cfg.tie_embeddings:
-      logits_BxLxV = embed.attend(head_in_BxLxD)
-    else:
-      logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", ("embed",), ("vocab",), use_bias=False)(head_in_BxLxD)
-    return _constrain(logits_BxLxV.astype(jnp.float32), _BLV), h_BxLxD
+    with parallel.unconstrained() if decode else contextlib.nullcontext():
+      if tokens_BxL.shape[1] > cfg.max_len:
+        raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds TransformerConfig.max_len={cfg.max_len}")
+      if segment_ids_BxL is None:
+        segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
+      if positions_BxL is None:
+        if decode:
+          raise ValueError("decode=True needs explicit positions_BxL (the slot's position in its sequence)")
+        positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+      embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                       embedding_init=_named(nn.initializers.normal(0.02), ("vocab", "embed")), name="embed")
+      x_BxLxD = embed(tokens_BxL)
+      if cfg.family == "gpt2":
+        x_BxLxD = x_BxLxD + nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                                     embedding_init=_named(nn.initializers.normal(0.01), ("positions", "embed")),
+                                     name="pos_embed")(positions_BxL)
+      x_BxLxD = _blocks(cfg, _constrain(x_BxLxD, _BLD), positions_BxL, segment_ids_BxL, decode)
+      h_BxLxD = _constrain(_norm(cfg, "final_norm")(x_BxLxD), _BLD)
+      head_in_BxLxD = h_BxLxD if logits_slots is None else h_BxLxD[:, logits_slots[0]:logits_slots[1]]
+      if cfg.tie_embeddings:
+        logits_BxLxV = embed.attend(head_in_BxLxD)
+      else:
+        logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", ("embed",), ("vocab",), use_bias=False)(head_in_BxLxD)
+      return _constrain(logits_BxLxV.astype(jnp.float32), _BLV), h_BxLxD
 
 
 class ScalarHead(nn.Module):

@@ -21,6 +21,7 @@ Typical use (see trainer.train_loop):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable, Sequence
@@ -282,14 +283,25 @@ def local_rows(tree: Any) -> Any:
 # ------------------------------------------------------------------------------------------ compiled functions
 
 
-_ACTIVE_MESH: list[Mesh] = []  # the mesh `jit` is tracing a function over (innermost last)
+_ACTIVE_MESH: list[Mesh | None] = []  # the mesh `jit` is tracing a function over (innermost last; None: off)
+
+
+@contextlib.contextmanager
+def unconstrained():
+  """Within it `constrain` leaves activations to GSPMD (the KV-cache decode path: weights stay fsdp-split rather
+  than all-gathered, which XLA would hoist out of the token loop as every layer's full weights)."""
+  _ACTIVE_MESH.append(None)
+  try:
+    yield
+  finally:
+    _ACTIVE_MESH.pop()
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """`x` pinned to the layout its logical dimension names give (`ACTIVATION_RULES`, via `mesh_spec`: a dimension
   its mesh axes do not divide stays replicated) while `jit` traces over a mesh of more than one device; unchanged
-  otherwise (plain jax.jit, eager calls, one device). Names past `logical_axes` are None."""
-  if not _ACTIVE_MESH or _ACTIVE_MESH[-1].size == 1:
+  otherwise (plain jax.jit, eager calls, one device, `unconstrained`). Names past `logical_axes` are None."""
+  if not _ACTIVE_MESH or _ACTIVE_MESH[-1] is None or _ACTIVE_MESH[-1].size == 1:
     return x
   mesh = _ACTIVE_MESH[-1]
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_spec(PartitionSpec(*logical_axes),
