@@ -7,6 +7,8 @@ key_length); the vocabulary size from `token_embd`'s rows; the head is tied when
 For llama, llama.cpp's converter permutes the rows of each q and k head from HF's rotate-half layout (pairs
 (i, i + E/2)) to interleaved pairs (2i, 2i + 1) for its GPT-J-style RoPE; `_unpermute` undoes it so `model.rope`
 applies. qwen2 and qwen3 keep HF's layout (llama.cpp's NEOX RoPE is rotate-half).
+Llama 3.1's `llama3` rope scaling is no metadata key but a `rope_freqs.weight` tensor of per-frequency factors; it
+is read back into TransformerConfig's rope_scaling fields (`_llama3_rope`) and checked against every factor.
 GGUF stores shapes innermost first (ne = [in, out]); the tensor arrays are row-major [out, in], like nn.Linear.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from rlhf_jax import hf_import
 from rlhf_jax.model import TransformerConfig
+from rlhf_jax.rope import inv_frequencies
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")  # == the TransformerConfig family
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -76,7 +79,8 @@ class _Meta:
 
 
 def _rope(meta: _Meta, a: str) -> dict[str, Any]:
-  """RoPE fields: base frequency and the scaling llama.cpp records (none or linear)."""
+  """RoPE fields: base frequency and the scaling llama.cpp records in metadata (none or linear; Llama 3.1's llama3
+  scaling is a tensor instead, `_llama3_rope`)."""
   fields = dict(rope_theta=meta.get(f"{a}.rope.freq_base", 10000.0, float))
   kind = meta.get(f"{a}.rope.scaling.type", "none", str)
   if kind == "linear":
@@ -85,6 +89,51 @@ def _rope(meta: _Meta, a: str) -> dict[str, Any]:
     raise ValueError(f"{meta.path}: metadata {a}.rope.scaling.type={kind!r} is not supported "
                      f"(supported: ['none', 'linear'])")
   return fields
+
+
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's Llama 3.1 frequency factors: freq_i = base_freq_i / factor_i
+
+
+def _llama3_rope(factors_E2: np.ndarray, fields: dict, E: int, path: str) -> dict[str, Any]:
+  """The llama3 rope_scaling fields (rope.py) that reproduce a `rope_freqs.weight` tensor of frequency factors.
+
+  convert_hf_to_gguf writes factor_i = 1 (short wavelengths), `factor` (long ones) and 1 / ((1 − s)/factor + s)
+  in between, s = (old / λ_i − low) / (high − low). Only old/(high − low) and low/(high − low) shape s, so
+  low = 1 is taken (as every Llama 3.x config has) and the other two are solved from the intermediate factors
+  (high = 4 when fewer than two are intermediate); the result is checked against every factor.
+  """
+  factors_E2 = np.asarray(factors_E2, np.float64).reshape(-1)
+  if factors_E2.shape != (E // 2,):
+    raise ValueError(f"{path}: tensor {ROPE_FREQS!r} has {factors_E2.size} values; expected head dim / 2 = {E // 2}")
+  if np.any(factors_E2 <= 0):
+    raise ValueError(f"{path}: tensor {ROPE_FREQS!r} has non-positive frequency factors")
+  if fields.get("rope_scaling", "none") != "none":
+    raise ValueError(f"{path}: both metadata rope scaling {fields['rope_scaling']!r} and tensor {ROPE_FREQS!r}")
+  inv_E2 = np.asarray(inv_frequencies(E, fields["rope_theta"]), np.float64)
+  factor = float(factors_E2.max())
+  if np.allclose(factors_E2, 1.0, rtol=1e-6):
+    return {}
+  wavelen_E2 = 2 * np.pi / inv_E2
+  medium = (factors_E2 > 1 + 1e-6) & (factors_E2 < factor * (1 - 1e-6))
+  s_E2 = (1 / factors_E2 - 1 / factor) / (1 - 1 / factor)  # 1 where unchanged, 0 where divided by `factor`
+  low = 1.0
+  if medium.sum() >= 2:  # s = a / λ + c with a = old / (high − low), c = −low / (high − low)
+    a, c = np.polyfit(1 / wavelen_E2[medium], s_E2[medium], 1)
+    high, old = (low - low / c, -a * low / c) if c < 0 else (4.0, 0.0)
+  elif medium.sum() == 1:
+    high = 4.0
+    old = float(wavelen_E2[medium][0] * (s_E2[medium][0] * (high - low) + low))
+  else:  # a clean step: old / low just under the shortest divided wavelength
+    high = 4.0
+    old = float(wavelen_E2[factors_E2 > 1 + 1e-6].min() * 0.999)
+  got = dict(rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=low, rope_high_freq_factor=float(high),
+             rope_original_max_len=int(round(old)))
+  rebuilt_E2 = inv_E2 / np.asarray(inv_frequencies(E, fields["rope_theta"], "llama3", factor, low, high,
+                                                    got["rope_original_max_len"]), np.float64)
+  if old <= 0 or not np.allclose(rebuilt_E2, factors_E2, rtol=1e-4):
+    raise ValueError(f"{path}: tensor {ROPE_FREQS!r} (factors {np.round(factors_E2, 4).tolist()}) is not a llama3 "
+                     "rope scaling (the only frequency-factor scaling supported)")
+  return got
 
 
 def config_from_gguf(reader, path: str, param_dtype: str = "float32", dtype: str = "float32") -> TransformerConfig:
@@ -115,6 +164,10 @@ def config_from_gguf(reader, path: str, param_dtype: str = "float32", dtype: str
                 norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", kind=float), **_rope(meta, arch))
   if E * H != D:
     fields["explicit_head_dim"] = E
+  if ROPE_FREQS in tensors:
+    gguf = _gguf()
+    fields.update(_llama3_rope(gguf.quants.dequantize(tensors[ROPE_FREQS].data, tensors[ROPE_FREQS].tensor_type),
+                               fields, E, path))
   try:
     return TransformerConfig(**fields, param_dtype=param_dtype, dtype=dtype)
   except (TypeError, ValueError) as e:
@@ -148,6 +201,8 @@ def load_gguf_checkpoint(path: str, param_dtype: str = "float32",
   cfg = config_from_gguf(reader, path, param_dtype, dtype)
   by_hf = {}
   for t in reader.tensors:
+    if t.name == ROPE_FREQS:  # read into cfg's rope_scaling by config_from_gguf
+      continue
     name = hf_name(t.name)
     if name is None:
       raise ValueError(f"{path}: unexpected tensor {t.name!r} (type {t.tensor_type.name}, shape "

@@ -24,6 +24,7 @@ picks the Hugging Face architecture hf_import writes. What differs is in fields:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import attention as kernels
+from rlhf_jax import parallel
 from rlhf_jax.rope import ROPE_SCALINGS, inv_frequencies, rope  # noqa: F401 (re-exported: model.rope)
 from rlhf_jax.attention import (  # noqa: F401 (re-exported: model.causal_attention etc.)
     Q_BLOCK, ROWS_MIN_LEN, attend_cache, attention_mask, batched_attention, causal_attention, full_attention,
@@ -147,6 +149,14 @@ class TransformerConfig:
 #   "vocab" V, "embed" D, "heads" H, "kv_heads" K, "head_dim" E (also qk_norm's scales), "mlp" F, "positions" the
 #   learned position table's rows, "norm" the D of norm scales/biases, "scalar" the single output of a ScalarHead.
 _named = nn.with_logical_partitioning
+# Logical names of activation dimensions (parallel.ACTIVATION_RULES; distinct from the parameters' so that FSDP
+# gathers weights and keeps activations split over the batch). `_constrain` is a no-op outside parallel.jit.
+_BLD = ("activation_batch", "activation_length", "activation_embed")
+_BLHE = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+_BLKE = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+_BLF = ("activation_batch", "activation_length", "activation_mlp")
+_BLV = ("activation_batch", "activation_length", "activation_vocab")
+_constrain = parallel.constrain
 
 
 def _dense(cfg: TransformerConfig, features, name: str, in_axes: tuple, out_axes: tuple, axis=-1,
@@ -204,6 +214,8 @@ class Attention(nn.Module):
     q_BxLxHxE = _dense(cfg, (H, E), "q", ("embed",), ("heads", "head_dim"), use_bias=bias)(x_BxLxD)
     k_BxLxKxE = _dense(cfg, (K, E), "k", ("embed",), ("kv_heads", "head_dim"), use_bias=bias)(x_BxLxD)
     v_BxLxKxE = _dense(cfg, (K, E), "v", ("embed",), ("kv_heads", "head_dim"), use_bias=bias)(x_BxLxD)
+    q_BxLxHxE, k_BxLxKxE, v_BxLxKxE = (_constrain(q_BxLxHxE, _BLHE), _constrain(k_BxLxKxE, _BLKE),
+                                       _constrain(v_BxLxKxE, _BLKE))
     if cfg.qk_norm:
       q_BxLxHxE = _head_norm(cfg, "q_norm")(q_BxLxHxE)
       k_BxLxKxE = _head_norm(cfg, "k_norm")(k_BxLxKxE)
@@ -251,10 +263,11 @@ class Mlp(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     if cfg.family != "gpt2":
-      gate_BxLxF = _dense(cfg, cfg.d_ff, "gate", ("embed",), ("mlp",))(x_BxLxD)
-      up_BxLxF = _dense(cfg, cfg.d_ff, "up", ("embed",), ("mlp",))(x_BxLxD)
+      gate_BxLxF = _constrain(_dense(cfg, cfg.d_ff, "gate", ("embed",), ("mlp",))(x_BxLxD), _BLF)
+      up_BxLxF = _constrain(_dense(cfg, cfg.d_ff, "up", ("embed",), ("mlp",))(x_BxLxD), _BLF)
       return _dense(cfg, cfg.d_model, "down", ("mlp",), ("embed",))(nn.silu(gate_BxLxF) * up_BxLxF)
-    h_BxLxF = nn.gelu(_dense(cfg, cfg.d_ff, "fc_in", ("embed",), ("mlp",))(x_BxLxD), approximate=True)
+    h_BxLxF = nn.gelu(_constrain(_dense(cfg, cfg.d_ff, "fc_in", ("embed",), ("mlp",))(x_BxLxD), _BLF),
+                      approximate=True)
     return _dense(cfg, cfg.d_model, "fc_out", ("mlp",), ("embed",))(h_BxLxF)
 
 
@@ -267,7 +280,7 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, decode: bool):
     x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(
         _norm(self.cfg, "attn_norm")(x_BxLxD), positions_BxL, segment_ids_BxL, decode)
-    x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x_BxLxD))
+    x_BxLxD = _constrain(x_BxLxD + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x_BxLxD)), _BLD)
     return (x_BxLxD, None) if self.scanned else x_BxLxD
 
 
@@ -295,31 +308,33 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, decode: bool = False,
                logits_slots: tuple[int, int] | None = None):
     """`logits_slots=(a, b)` applies the output head to slots a..b-1 only (logits_Bx(b-a)xV; h stays BxLxD):
-    a PPO forward needs logits at the response slots, the sampler's prefill at the last one."""
+    a PPO forward needs logits at the response slots, the sampler's prefill at the last one. Decode leaves the
+    activations' layout to GSPMD (parallel.unconstrained; the cache has its own constraint)."""
     cfg = self.cfg
-    if tokens_BxL.shape[1] > cfg.max_len:
-      raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds TransformerConfig.max_len={cfg.max_len}")
-    if segment_ids_BxL is None:
-      segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
-    if positions_BxL is None:
-      if decode:
-        raise ValueError("decode=True needs explicit positions_BxL (the slot's position in its sequence)")
-      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                     embedding_init=_named(nn.initializers.normal(0.02), ("vocab", "embed")), name="embed")
-    x_BxLxD = embed(tokens_BxL)
-    if cfg.family == "gpt2":
-      x_BxLxD = x_BxLxD + nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                                   embedding_init=_named(nn.initializers.normal(0.01), ("positions", "embed")),
-                                   name="pos_embed")(positions_BxL)
-    x_BxLxD = _blocks(cfg, x_BxLxD, positions_BxL, segment_ids_BxL, decode)
-    h_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
-    head_in_BxLxD = h_BxLxD if logits_slots is None else h_BxLxD[:, logits_slots[0]:logits_slots[1]]
-    if cfg.tie_embeddings:
-      logits_BxLxV = embed.attend(head_in_BxLxD)
-    else:
-      logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", ("embed",), ("vocab",), use_bias=False)(head_in_BxLxD)
-    return logits_BxLxV.astype(jnp.float32), h_BxLxD
+    with parallel.unconstrained() if decode else contextlib.nullcontext():
+      if tokens_BxL.shape[1] > cfg.max_len:
+        raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds TransformerConfig.max_len={cfg.max_len}")
+      if segment_ids_BxL is None:
+        segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
+      if positions_BxL is None:
+        if decode:
+          raise ValueError("decode=True needs explicit positions_BxL (the slot's position in its sequence)")
+        positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+      embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                       embedding_init=_named(nn.initializers.normal(0.02), ("vocab", "embed")), name="embed")
+      x_BxLxD = embed(tokens_BxL)
+      if cfg.family == "gpt2":
+        x_BxLxD = x_BxLxD + nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                                     embedding_init=_named(nn.initializers.normal(0.01), ("positions", "embed")),
+                                     name="pos_embed")(positions_BxL)
+      x_BxLxD = _blocks(cfg, _constrain(x_BxLxD, _BLD), positions_BxL, segment_ids_BxL, decode)
+      h_BxLxD = _constrain(_norm(cfg, "final_norm")(x_BxLxD), _BLD)
+      head_in_BxLxD = h_BxLxD if logits_slots is None else h_BxLxD[:, logits_slots[0]:logits_slots[1]]
+      if cfg.tie_embeddings:
+        logits_BxLxV = embed.attend(head_in_BxLxD)
+      else:
+        logits_BxLxV = _dense(cfg, cfg.vocab_size, "lm_head", ("embed",), ("vocab",), use_bias=False)(head_in_BxLxD)
+      return _constrain(logits_BxLxV.astype(jnp.float32), _BLV), h_BxLxD
 
 
 class ScalarHead(nn.Module):

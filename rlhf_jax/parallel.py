@@ -21,6 +21,7 @@ Typical use (see trainer.train_loop):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable, Sequence
@@ -48,6 +49,19 @@ RULES = (
     ("norm", None),  # norm scales and biases (D, small)
     ("scalar", None),  # the one output of a ScalarHead
     ("layers", None),  # the stacked layer axis of model.scan_layers (each device holds every layer's share)
+)
+# Logical names of activation dimensions (model.py, ppo.py: `constrain`), distinct from the parameters' so that FSDP
+# all-gathers the weights and keeps activations split over the batch (MaxText's approach): without them GSPMD
+# contracts over the fsdp-split model width of the weights and keeps the whole batch's activations on every device.
+ACTIVATION_RULES = (
+    ("activation_batch", BATCH_AXES),  # B: rows over the batch shards
+    ("activation_length", None),  # L / T / S
+    ("activation_embed", None),  # D of the residual stream: whole on every device
+    ("activation_heads", "tensor"),  # H of q and the attention output
+    ("activation_kv_heads", "tensor"),  # K of k and v
+    ("activation_head_dim", None),  # E
+    ("activation_mlp", "tensor"),  # F of the MLP hidden
+    ("activation_vocab", "tensor"),  # V of the logits
 )
 
 
@@ -132,24 +146,30 @@ def check_model(model_cfg, mesh: Mesh, where: str = "config model") -> None:
       raise ValueError(f"{where}.{name}={value} is not divisible by config mesh.{axis}={size}")
 
 
+_TABLE = dict(RULES + ACTIVATION_RULES)
+
+
 def _mesh_axis(logical: str | None):
-  table = dict(RULES)
-  if logical is not None and logical not in table:
-    raise ValueError(f"logical axis {logical!r} has no rule in parallel.RULES ({[k for k, _ in RULES]})")
-  return table.get(logical) if logical is not None else None
+  if logical is not None and logical not in _TABLE:
+    raise ValueError(f"logical axis {logical!r} has no rule in parallel.RULES or ACTIVATION_RULES "
+                     f"({list(_TABLE)})")
+  return _TABLE.get(logical) if logical is not None else None
 
 
 def mesh_spec(logical_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-  """The mesh PartitionSpec of an array of `shape` with logical names `logical_spec` (via `RULES`); a dimension
-  its mesh axis does not divide, or a mesh axis already used by an earlier dimension, is replicated."""
+  """The mesh PartitionSpec of an array of `shape` with logical names `logical_spec` (via `RULES` and
+  `ACTIVATION_RULES`); a dimension its mesh axes do not divide, or a mesh axis already used by an earlier
+  dimension, is replicated (a tuple of mesh axes, e.g. the batch shards, counts as one: all or none)."""
   out, used = [], set()
   for logical, dim in zip(tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec)), shape):
     axis = _mesh_axis(logical)
-    if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+    axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    size = int(np.prod([mesh.shape[a] for a in axes]))
+    if not axes or used & set(axes) or size == 1 or dim % size:
       out.append(None)
     else:
       out.append(axis)
-      used.add(axis)
+      used.update(axes)
   return PartitionSpec(*out)
 
 
@@ -263,13 +283,60 @@ def local_rows(tree: Any) -> Any:
 # ------------------------------------------------------------------------------------------ compiled functions
 
 
-def jit(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argnums: Sequence[int] = ()) -> Callable:
-  """`fn` (written for the global batch) compiled over the mesh the shardings name: GSPMD partitions it.
+_ACTIVE_MESH: list[Mesh | None] = []  # the mesh `jit` is tracing a function over (innermost last; None: off)
+
+
+@contextlib.contextmanager
+def unconstrained():
+  """Within it `constrain` leaves activations to GSPMD (the KV-cache decode path: weights stay fsdp-split rather
+  than all-gathered, which XLA would hoist out of the token loop as every layer's full weights)."""
+  _ACTIVE_MESH.append(None)
+  try:
+    yield
+  finally:
+    _ACTIVE_MESH.pop()
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """`x` pinned to the layout its logical dimension names give (`ACTIVATION_RULES`, via `mesh_spec`: a dimension
+  its mesh axes do not divide stays replicated) while `jit` traces over a mesh of more than one device; unchanged
+  otherwise (plain jax.jit, eager calls, one device, `unconstrained`). Names past `logical_axes` are None."""
+  if not _ACTIVE_MESH or _ACTIVE_MESH[-1] is None or _ACTIVE_MESH[-1].size == 1:
+    return x
+  mesh = _ACTIVE_MESH[-1]
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_spec(PartitionSpec(*logical_axes),
+                                                                           np.shape(x), mesh)))
+
+
+def _mesh_of(shardings: Any) -> Mesh | None:
+  for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+    if isinstance(s, NamedSharding):
+      return s.mesh
+  return None
+
+
+def jit(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argnums: Sequence[int] = (),
+        mesh: Mesh | None = None) -> Callable:
+  """`fn` (written for the global batch) compiled over `mesh` (default: the mesh the shardings name): GSPMD
+  partitions it, and the activations `constrain` names keep their layout (batch-split, not fsdp-split).
 
   `in_shardings`/`out_shardings` are pytree prefixes of NamedShardings; None for an argument means "as the
   argument is already laid out". Arguments in `donate_argnums` (the train state) are updated in place.
   """
-  return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=tuple(donate_argnums))
+  mesh = mesh if mesh is not None else _mesh_of((in_shardings, out_shardings))
+  jit_kw = dict(in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=tuple(donate_argnums))
+  if mesh is None or mesh.size == 1:  # nothing to constrain: `fn` itself (shares jax's trace cache with eval_shape)
+    return jax.jit(fn, **jit_kw)
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    _ACTIVE_MESH.append(mesh)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _ACTIVE_MESH.pop()
+
+  return jax.jit(traced, **jit_kw)
 
 
 def cache_constraint(mesh: Mesh) -> Callable[[Any], Any]:

@@ -139,8 +139,10 @@ def loss_count(mask_BxT, ppo):
 
 
 def _minibatches(tree, perm_b, M: int):
-  """Permutes the leading axis and splits it into M equal minibatches: (b, ...) -> (M, b/M, ...)."""
-  return jax.tree.map(lambda x: x[perm_b].reshape((M, x.shape[0] // M) + x.shape[1:]), tree)
+  """Permutes the leading axis and splits it into M equal minibatches: (b, ...) -> (M, b/M, ...), each minibatch
+  split over the batch shards again (under parallel.jit; replicated where they do not divide b/M)."""
+  return jax.tree.map(lambda x: parallel.constrain(x[perm_b].reshape((M, x.shape[0] // M) + x.shape[1:]),
+                                                   (None, "activation_batch")), tree)
 
 
 def ppo_update(state: PPOState, rollout: Rollout, ptx: dict | None, kl_coef=0.0, frozen: Frozen | None = None, *,

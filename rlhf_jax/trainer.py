@@ -125,7 +125,10 @@ def initial_state(ckpt: checkpoint.Checkpointer, scratch_state: Callable[[], Any
   if start is not None:
     state, extra = ckpt.restore(start, parallel.with_shardings(abstract, state_sh))
     return start, state, extra
-  state = parallel.jit(scratch_state, (), state_sh)()
+  # leaves out, rebuilt in `abstract`'s structure: a scratch_state that builds its optimizer inside returns a new
+  # (unequal) tx on every trace, which a TrainState-shaped out_shardings would reject
+  leaves = parallel.jit(lambda: jax.tree.leaves(scratch_state()), (), jax.tree.leaves(state_sh))()
+  state = jax.tree.unflatten(jax.tree.structure(abstract), leaves)
   if init_from_params is not None:
     state = state.replace(params=parallel.shard_tree(init_from_params(state.params), state_sh.params))
   return 0, state, None
