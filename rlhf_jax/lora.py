@@ -1,4 +1,4 @@
-"""LoRA adapters as a separate parameter tree: config, init, merge into the base, which parameters train.
+"""LoRA adapters as a separate parameter tree: config, init, the unmerged forward, merge, which parameters train.
 
 For a targeted kernel W (a DenseGeneral kernel: input dims I... then output dims O..., e.g. q (D, H, E),
 o (H, E, D), fc_in (D, F), lm_head (D, V)) the adapter is A (I... x r, normal with std 1/√fan_in) and
@@ -6,17 +6,21 @@ B (r x O..., zeros), and the effective kernel is
 
     W_eff = W + (α / r) · A·B        (contracted over r; B = 0 at init, so step 0 is the base exactly).
 
-Mechanism: merge, not a LoRA Dense layer. `merge(base, adapters, spec)` builds the effective params inside the
-jitted loss, so `value_and_grad` over the adapters alone gives their gradients (the base is an argument that is
-never differentiated nor in the optimizer), and the reference policy of DPO/PPO is the base params themselves
-(adapters off): one copy of the base. It needs no change to model.py and works for every family, for tied and
-untied heads and for stacked `scan_layers` params (any leading axes of W before I... are kept: one adapter per
-layer). The same `merge` folds adapters for export (`fold`, then `hf_import.save_hf_checkpoint`).
-What it costs: the backward still forms the full-size dW_eff of each targeted kernel (transient, contracted
-into dA = (α/r)·dW·Bᵀ and dB = (α/r)·Aᵀ·dW at once), so the saving is the optimizer state and stored gradients
-(2× model -> 2× adapters for Adam), not the weight-gradient FLOPs that an unmerged x·A·B path would skip.
-Dropout on the adapter input (LoRA's `lora_dropout`) needs that unmerged path, so `lora.dropout` must be 0 and
-anything else is rejected with an error saying so.
+Mechanism: an unmerged LoRA path inside the model's Dense layers. `join(base, adapters, spec)` (called inside
+the jitted loss) puts (α/r)·A and B beside each adapted kernel as leaves `lora_a` / `lora_b` (`attach`), and
+model.py's Dense computes
+
+    y = x·W + (x·(α/r)A)·B        (`adapt`; W itself is never rewritten)
+
+so `value_and_grad` over the adapters alone gives their gradients (the base is an argument that is never
+differentiated nor in the optimizer), no full-size W_eff or dW_eff is ever formed (the backward needs W, x and
+x·A: the per-device saving is the merged kernels and their gradients, not just the optimizer state), and the
+reference policy of DPO/PPO is the base params themselves (adapters off): one copy of the base. Any leading axes
+of W before I... (stacked `scan_layers` params) are kept: one adapter per layer, sliced by the scan like W.
+`merge` forms W + (α/r)·A·B explicitly: for export (`fold`, then `hf_import.save_hf_checkpoint`), for a later
+stage's init, and for PPO's sampler (one merged policy per iteration: decoding then costs the base's FLOPs).
+Dropout on the adapter input (LoRA's `lora_dropout`) would need a dropout rng in the model's forward, which is
+deterministic everywhere; `lora.dropout` must be 0 and anything else is rejected with an error saying so.
 
 Adapter tree: the base tree's path to each targeted module, e.g. {"layer_0": {"attn": {"q": {"a", "b"}}}},
 float32 whatever the base's param_dtype (a bf16 base merges into W_eff in float32, then the model casts to its
@@ -43,7 +47,7 @@ def config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.rank = 0  # r: adapter rank (0 = off: every parameter trains)
   c.alpha = 16.0  # α: the update is scaled by α / r
-  c.dropout = 0.0  # adapter-input dropout; the merge mechanism has no such input, so only 0 is accepted
+  c.dropout = 0.0  # adapter-input dropout: not implemented (the forward is deterministic), only 0 is accepted
   c.targets = "attn,mlp"  # comma-separated: q,k,v,o, gate,up,down (llama), fc_in,fc_out (gpt2), lm_head; attn, mlp
   c.base_dtype = ""  # storage of the frozen base: "" = as loaded (the model's param_dtype), bfloat16 = half
   return c
@@ -77,8 +81,8 @@ class Spec:
     if not c.alpha > 0:
       raise ValueError(f"config lora.alpha={c.alpha} must be > 0")
     if c.dropout != 0:
-      raise ValueError(f"config lora.dropout={c.dropout}: adapters are merged into the kernels (W + (α/r)·A·B), "
-                       "which has no adapter input to drop; only lora.dropout=0 is supported")
+      raise ValueError(f"config lora.dropout={c.dropout}: adapter-input dropout is not implemented (the model's "
+                       "forward is deterministic, with no dropout rng); only lora.dropout=0 is supported")
     if c.get("base_dtype", "") not in ("", "float32", "bfloat16", "float16"):
       raise ValueError(f"config lora.base_dtype={c.base_dtype!r}; expected '', float32, bfloat16 or float16")
     names = [t.strip() for t in str(c.targets).split(",") if t.strip()]
@@ -194,6 +198,37 @@ def _at(adapters, path: tuple[str, ...], spec: Spec) -> dict:
   return node
 
 
+A_LEAF, B_LEAF = "lora_a", "lora_b"  # the leaves `attach` puts beside an adapted kernel (read by `adapt`)
+
+
+def attach(params, adapters, spec: Spec):
+  """The base tree with (α/r)·A and B beside every adapted kernel (leaves `A_LEAF`, `B_LEAF`; W unchanged), for the
+  model's unmerged path. Differentiable in `adapters`; `adapters=None` or a disabled spec returns `params`."""
+  if adapters is None or not spec.enabled:
+    return params
+  sites = targeted(params, spec)
+
+  def visit(node, prefix):
+    if prefix in sites:
+      ad = _at(adapters, prefix, spec)
+      return {**node, A_LEAF: spec.scale * ad["a"], B_LEAF: ad["b"]}
+    if isinstance(node, dict) or hasattr(node, "items"):
+      return {k: visit(v, prefix + (k,)) for k, v in node.items()}
+    return node
+
+  return visit(params, ())
+
+
+def adapt(y, x, module_params, n_in: int, dtype):
+  """y + (x·A)·B when a Dense module's params hold `attach`'s leaves (else y): x's last n_in dims contract with
+  A's first n_in (A: I... x r, already scaled by α/r), then r with B's first (B: r x O...), in `dtype`."""
+  if A_LEAF not in module_params:
+    return y
+  x, a, b = (jnp.asarray(v).astype(dtype) for v in (x, module_params[A_LEAF], module_params[B_LEAF]))
+  xa = jax.lax.dot_general(x, a, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+  return y + jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ()))).astype(y.dtype)
+
+
 def fold(params, adapters, spec: Spec):
   """Merged params in the base's own dtypes (host numpy-ready), for export and for the next stage's init."""
   merged = merge(params, adapters, spec)
@@ -218,12 +253,13 @@ def split(params, spec: Spec, rng: jax.Array, key: str | None = None) -> tuple[d
   return trainable, base
 
 
-def join(trainable: dict, base, spec: Spec, key: str | None = None):
-  """The effective full tree of `split`'s pair: merge(base, adapters), with the other groups under their names."""
-  merged = merge(base, trainable["adapters"], spec)
+def join(trainable: dict, base, spec: Spec, key: str | None = None, merged: bool = False):
+  """The effective full tree of `split`'s pair, with the other groups under their names: the base with its adapters
+  attached (`attach`: the model's unmerged path, inside a loss) or, `merged=True`, merge(base, adapters)."""
+  full = (merge if merged else attach)(base, trainable["adapters"], spec)
   if key is None:
-    return merged
-  return {**{k: v for k, v in trainable.items() if k != "adapters"}, key: merged}
+    return full
+  return {**{k: v for k, v in trainable.items() if k != "adapters"}, key: full}
 
 
 def with_base(loss_fn, spec: Spec, key: str | None = None):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import attention as kernels
-from rlhf_jax import parallel
+from rlhf_jax import lora, parallel
 from rlhf_jax.rope import ROPE_SCALINGS, inv_frequencies, rope  # noqa: F401 (re-exported: model.rope)
 from rlhf_jax.attention import (  # noqa: F401 (re-exported: model.causal_attention etc.)
     Q_BLOCK, ROWS_MIN_LEN, attend_cache, attention_mask, batched_attention, causal_attention, full_attention,
@@ -160,12 +160,14 @@ _constrain = parallel.constrain
 
 
 def _dense(cfg: TransformerConfig, features, name: str, in_axes: tuple, out_axes: tuple, axis=-1,
-           use_bias=None) -> nn.DenseGeneral:
-  """DenseGeneral whose kernel is named in_axes + out_axes and bias out_axes (logical names, see above)."""
-  return nn.DenseGeneral(
+           use_bias=None):
+  """DenseGeneral whose kernel is named in_axes + out_axes and bias out_axes (logical names, see above), as a
+  function of x; with LoRA leaves beside its kernel (lora.attach) it adds the unmerged adapter path (lora.adapt)."""
+  dense = nn.DenseGeneral(
       features, axis=axis, use_bias=cfg.use_bias if use_bias is None else use_bias, dtype=cfg.jnp_dtype,
       param_dtype=cfg.jnp_param_dtype, kernel_init=_named(nn.initializers.normal(0.02), in_axes + out_axes),
       bias_init=_named(nn.initializers.zeros_init(), out_axes), name=name)
+  return lambda x: lora.adapt(dense(x), x, dense.variables.get("params", {}), len(in_axes), cfg.jnp_dtype)
 
 
 def _norm(cfg: TransformerConfig, name: str) -> nn.Module:

@@ -17,7 +17,7 @@ Networks (InstructGPT's four): policy and value trained (`Trainable`), reference
 (`Frozen`). The value network is a Transformer + ScalarHead, initialised from the RM or from SFT + a new head.
 With LoRA (`cfg.lora.rank` > 0) the trained groups are adapters: policy {"adapters"} on the frozen reference (the
 reference is the base with the adapters off: one copy), value {"adapters", "head"} on the RM's backbone
-(value_init="reward") or the reference ("sft"); `effective` merges them inside every compiled function.
+(value_init="reward") or the reference ("sft"); `effective` attaches them inside every compiled function.
 """
 from __future__ import annotations
 
@@ -318,7 +318,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
                                   eos_id=tok.eos_id, pad_id=tok.pad_id)
   p_score, p_update = compile_steps(mesh, state_sh, tx, models, hyper)
   policy_sh = parallel.state_shardings(mesh, frozen.ref, frozen_axes.ref)
-  p_policy = parallel.jit(lambda params, frozen: effective(params, frozen, models).policy, None, policy_sh)
+  p_policy = parallel.jit(lambda params, frozen: effective(params, frozen, models, merged=True).policy, None,
+                          policy_sh)  # the sampler decodes the merged policy (the base's FLOPs per token)
   sft_params = rm_params = value_params = None  # the host copies go (the sharded ones live in state and frozen)
   writer = metrics.MetricWriter(workdir, resume_step=start)
   progress = metrics.Progress(cfg.train.num_steps, start)

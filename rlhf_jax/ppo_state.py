@@ -61,17 +61,18 @@ class Models:
   value_base: str = struct.field(pytree_node=False, default="ref")  # LoRA value adapters on "ref" or "reward"
 
 
-def effective(params: Trainable, frozen: Frozen | None, models: Models) -> Trainable:
-  """The full networks: with LoRA, policy = merge(reference, adapters) and value = {merge(base, adapters), head}
-  (base: the reference or the RM backbone, `models.value_base`); without LoRA `params` itself."""
+def effective(params: Trainable, frozen: Frozen | None, models: Models, merged: bool = False) -> Trainable:
+  """The full networks: with LoRA, policy = the reference with its adapters and value = {base with its adapters,
+  head} (base: the reference or the RM backbone, `models.value_base`), attached for the model's unmerged path or
+  `merged` into the kernels (lora.join); without LoRA `params` itself."""
   spec = models.lora
   if not spec.enabled:
     return params
   value = None
   if params.value is not None:
     base = frozen.ref if models.value_base == "ref" else frozen.reward["backbone"]
-    value = lora.join(params.value, base, spec, "backbone")
-  return Trainable(policy=lora.join(params.policy, frozen.ref, spec), value=value)
+    value = lora.join(params.value, base, spec, "backbone", merged)
+  return Trainable(policy=lora.join(params.policy, frozen.ref, spec, merged=merged), value=value)
 
 
 def network_axes(models: Models, rm_params, value_params, trainable: Trainable) -> tuple[Trainable, Frozen]:

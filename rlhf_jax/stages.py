@@ -235,7 +235,7 @@ def unfold(params, meta: dict, key: str | None = None):
     return params
   spec = lora.Spec(saved["rank"], saved["alpha"], tuple(saved["targets"]))
   base = lora.cast_base(base_params(meta["lora_base"]), saved.get("base_dtype", ""))
-  full = lora.join(params, base, spec, key)
+  full = lora.join(params, base, spec, key, merged=True)
   base_dtype = lambda m, b: np.asarray(m).astype(np.asarray(b).dtype)
   return jax.tree.map(base_dtype, full, base) if key is None else dict(full, **{key: jax.tree.map(
       base_dtype, full[key], base)})
@@ -442,7 +442,7 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if norm_files:
     params = parallel.to_host(state.params)  # every process takes part (a gather where fsdp spans hosts)
     if jax.process_index() == 0:
-      params = params if lo is None else lora.join(params, lo.base, lo.spec, "backbone")
+      params = params if lo is None else lora.join(params, lo.base, lo.spec, "backbone", merged=True)
       _write_offset(workdir, params, model, init.tokenizer, norm_files, cfg.data.seq_len)
   return last
 

@@ -1,4 +1,5 @@
-"""LoRA adapters: zero init is the base, merged == x·W + (α/r)·x·A·B, only adapters train, stacked layers, errors."""
+"""LoRA adapters: zero init is the base, merged == x·W + (α/r)·x·A·B == the model's unmerged path (lora.join),
+only adapters train, stacked layers, errors."""
 import functools
 
 import jax
@@ -55,6 +56,34 @@ def test_zero_initialised_adapters_give_the_base_logits_exactly(family, targets)
   np.testing.assert_array_equal(_logits(cfg, merged, _tokens()), _logits(cfg, params, _tokens()))
   changed = _logits(cfg, lora.merge(params, _randomize_b(adapters), spec), _tokens())
   assert np.max(np.abs(changed - _logits(cfg, params, _tokens()))) > 1e-3  # the adapters do reach the logits
+
+
+@pytest.mark.parametrize("family,targets,scan", [("gpt2", "attn,mlp", False), ("llama", "attn,mlp,lm_head", False),
+                                                 ("llama", "attn,mlp", True)])
+def test_the_models_unmerged_path_equals_the_merged_kernels(family, targets, scan):
+  """lora.join (adapters attached: y = x·W + (x·(α/r)A)·B inside the model's Dense) gives the merged kernels'
+  logits and gradients to 1e-5, stacked layers included; zero B gives the base's logits to float rounding (the
+  extra "+ (x·A)·0" changes XLA's fusions, so not bit-exactly: that is `merge`'s W + 0 above)."""
+  cfg = _cfg(family, scan_layers=scan)
+  params = M.init_params(cfg, jax.random.PRNGKey(0))
+  spec = _spec(targets=targets)
+  zero = lora.init(params, spec, jax.random.PRNGKey(1))
+  toks = jnp.asarray(_tokens())
+  np.testing.assert_allclose(_logits(cfg, lora.join({"adapters": zero}, params, spec), toks),
+                             _logits(cfg, params, toks), atol=1e-6, rtol=0)
+  ad = _randomize_b(zero)
+  attached = lora.join({"adapters": ad}, params, spec)
+  layer = "layers" if scan else "layer_0"
+  assert attached[layer]["attn"]["q"]["kernel"] is params[layer]["attn"]["q"]["kernel"]  # W itself, not W_eff
+  assert {lora.A_LEAF, lora.B_LEAF} <= set(attached[layer]["attn"]["q"])
+  np.testing.assert_allclose(_logits(cfg, attached, toks), _logits(cfg, lora.merge(params, ad, spec), toks),
+                             atol=1e-5)
+  assert np.max(np.abs(_logits(cfg, attached, toks) - _logits(cfg, params, toks))) > 1e-3
+  batch = _lm_batch()
+  loss = lambda join: jax.jit(jax.grad(lambda a: losses.lm_loss(join(a), batch, None, cfg=cfg)[0]))(ad)
+  g_attached = loss(lambda a: lora.join({"adapters": a}, params, spec))
+  g_merged = loss(lambda a: lora.merge(params, a, spec))
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-4), g_attached, g_merged)
 
 
 def test_adapter_shapes_follow_each_kernel_and_only_the_targets():
