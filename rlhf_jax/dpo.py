@@ -171,7 +171,7 @@ def run_dpo(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     params = {"policy": lora.split(frozen, spec, jax.random.PRNGKey(cfg.train.seed))[0]}
     loss_fn = _lora_loss(loss_fn, spec, on_the_fly)
     meta.update(lora={**spec.meta(), "base_dtype": cfg.lora.base_dtype}, lora_base=cfg.train.init_from)
-    specs = {"policy": {"adapters": lora.adapter_axes(policy_axes, params["policy"]["adapters"], spec)}}
+    specs = {"policy": lora.trainable_axes(policy_axes, params["policy"]["adapters"], spec)}
   _, last = trainer.train_loop(
       workdir=workdir, train_cfg=cfg.train, loss_fn=loss_fn,
       scratch_state=lambda: trainer.create_state(params, tx, cfg.train.seed), train_loader=train_loader,
@@ -181,7 +181,7 @@ def run_dpo(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _lora_loss(loss_fn, spec: lora.Spec, on_the_fly: bool):
-  """The DPO loss on {"policy": merge(base, adapters)} (+ "ref": the base itself, on the fly) from the trainable
+  """The DPO loss on {"policy": the base with its adapters} (+ "ref": the base itself, on the fly) from the trainable
   {"policy": {"adapters"}} and the frozen base."""
   def fn(trainable, batch, rng, base):
     params = {"policy": lora.join(trainable["policy"], base, spec), **({"ref": base} if on_the_fly else {})}

@@ -288,3 +288,10 @@ def adapter_axes(base_axes, adapters, spec: Spec):
       return {"a": make(*names[:lead_in], None), "b": make(*names[:lead], None, *names[lead_in:])}
     return {k: visit(v, ax[k]) for k, v in ad.items()}
   return visit(adapters, base_axes)
+
+
+def trainable_axes(base_axes, adapters, spec: Spec, groups_axes: dict | None = None, key: str = "backbone") -> dict:
+  """Logical specs of `split`'s trainable tree: {"adapters": named after their base kernels (`adapter_axes`), and
+  every group of `groups_axes` but `key` (an RM/value network's heads) as it is there}."""
+  others = {k: v for k, v in (groups_axes or {}).items() if k != key}
+  return {"adapters": adapter_axes(base_axes, adapters, spec), **others}

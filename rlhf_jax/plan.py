@@ -95,7 +95,7 @@ def _lm_functions(mesh, cfg: TransformerConfig, stage_cfg) -> list[tuple[str, Ca
     return _supervised(mesh, lambda: model.init_params(cfg, key), axes, loss_fn, stage_cfg, batch)
   trainable = lambda: lora.split(params, spec, key)[0]
   adapters = jax.eval_shape(trainable)
-  specs = {"adapters": lora.adapter_axes(axes, adapters["adapters"], spec)}
+  specs = lora.trainable_axes(axes, adapters["adapters"], spec)
   return _supervised(mesh, trainable, specs, lora.with_base(loss_fn, spec), stage_cfg, batch, params, axes)
 
 
@@ -117,7 +117,7 @@ def _reward_functions(mesh, cfg: TransformerConfig, stage_cfg) -> list[tuple[str
   full = jax.eval_shape(fresh)
   trainable = lambda: lora.split(full, spec, key, "backbone")[0]
   adapters = jax.eval_shape(trainable)
-  specs = {"adapters": lora.adapter_axes(specs["backbone"], adapters["adapters"], spec), "head": specs["head"]}
+  specs = lora.trainable_axes(specs["backbone"], adapters["adapters"], spec, specs)
   return _supervised(mesh, trainable, specs, lora.with_base(loss_fn, spec, "backbone"), stage_cfg, batch,
                      full["backbone"], stages.reward_axes(cfg)["backbone"])
 

@@ -261,7 +261,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
 
   # ---- networks and state: resume > SFT/RM init
   if checkpoint.has_checkpoint(workdir):
-    lora.check_resume(stages._source_meta(workdir).get("lora"), spec, workdir)
+    lora.check_resume(stages.source_meta(workdir).get("lora"), spec, workdir)
   if spec.enabled:  # the frozen reference (and RM) are the LoRA bases
     sft_params = lora.cast_base(sft_params, cfg.lora.base_dtype)
     rm_params = rm_params if rm_params is None else dict(rm_params, backbone=lora.cast_base(rm_params["backbone"],

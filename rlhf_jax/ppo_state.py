@@ -84,7 +84,7 @@ def network_axes(models: Models, rm_params, value_params, trainable: Trainable) 
   frozen = Frozen(ref=policy_axes, reward=stages.reward_axes(models.reward, rm_params) if rm_params else None)
   if not models.lora.enabled:
     return Trainable(policy=policy_axes, value=value_axes), frozen
-  adapters = lambda axes, tree: {"adapters": lora.adapter_axes(axes, tree["adapters"], models.lora)}
-  value = None if value_axes is None else {**adapters(value_axes["backbone"], trainable.value),
-                                           **{k: v for k, v in value_axes.items() if k != "backbone"}}
-  return Trainable(policy=adapters(policy_axes, trainable.policy), value=value), frozen
+  value = None if value_axes is None else lora.trainable_axes(value_axes["backbone"], trainable.value["adapters"],
+                                                              models.lora, value_axes)
+  return Trainable(policy=lora.trainable_axes(policy_axes, trainable.policy["adapters"], models.lora), value=value), \
+      frozen
