@@ -1,7 +1,8 @@
 """LoRA step-time cost: one SFT `trainer.train_step` (lm_loss, AdamW) at the embedded pipeline's model size
-(gpt2 D=128, 3 layers, H=4, F=512, vocab 512, T=64, batch 16), full fine-tuning vs LoRA (adapters merged into the
-kernels inside the step, base frozen), interleaved. Prints LoRA / full wall and CPU time, and the trained and
-optimizer-state sizes.
+(gpt2 D=128, 3 layers, H=4, F=512, vocab 512, T=64, batch 16), interleaved: full fine-tuning, LoRA as the stages
+run it (the model's unmerged path, x·W + (x·A)·B: lora.join) and LoRA merged into the kernels inside the step
+(W + (α/r)·A·B: lora.merge, the mechanism before 2026-12-03). Prints each / full wall and CPU time, and the
+trained parameter counts.
 
 Command: /work/main/.venv/bin/python -m benchmarks.lora_step [--rank 8] [--targets attn,mlp] [--reps 30]
 """
@@ -19,7 +20,7 @@ from rlhf_jax import lora, losses, model, optimizer, parallel, trainer  # noqa: 
 from benchmarks.pretrain_step import lm_batch  # noqa: E402
 
 
-def step_fn(cfg, params, batch, spec: lora.Spec | None):
+def step_fn(cfg, params, batch, spec: lora.Spec | None, merged: bool = False):
   """step() running one real train_step compiled over the mesh: full params, or adapters on the frozen `params`."""
   tx = optimizer.make_optimizer(optimizer.default_config(), 1000)
   loss_fn = functools.partial(losses.lm_loss, cfg=cfg)
@@ -27,7 +28,11 @@ def step_fn(cfg, params, batch, spec: lora.Spec | None):
   trained = params
   if spec is not None:
     trained, frozen = lora.split(params, spec, jax.random.PRNGKey(1))
-    loss_fn = lora.with_base(loss_fn, spec)
+    if merged:
+      lm = loss_fn
+      loss_fn = lambda trainable, b, rng, base: lm(lora.merge(base, trainable["adapters"], spec), b, rng)
+    else:
+      loss_fn = lora.with_base(loss_fn, spec)
   mesh = parallel.make_mesh()  # data parallel over the local devices, as the stages run by default
   state = trainer.create_state(trained, tx, 0)
   state_sh = jax.tree.map(lambda _: parallel.replicated(mesh), state)
@@ -60,14 +65,17 @@ def main():
   spec = lora.Spec.from_config(c)
   full, full_h = step_fn(cfg, params, batch, None)
   low, low_h = step_fn(cfg, params, batch, spec)
-  times, cpu = common.interleaved({"full": full, "lora": low}, args.reps, warmup=3)
+  merged, _ = step_fn(cfg, params, batch, spec, merged=True)
+  times, cpu = common.interleaved({"full": full, "lora": low, "lora_merged": merged}, args.reps, warmup=3)
   n_full = lora.param_count(params)
   n_lora = lora.param_count(parallel.to_host(low_h["state"].params))
   print(f"trained params: full {n_full}, LoRA r={args.rank} {args.targets} {n_lora} ({n_lora / n_full:.3%})")
   for k in times:
     print(f"{k}: wall {common.spread(times[k])}, CPU {common.med(cpu[k]):.3f} s")
-  print(f"RATIO LoRA / full step time = {common.med(times['lora']) / common.med(times['full']):.2f} wall, "
-        f"{common.med(cpu['lora']) / common.med(cpu['full']):.2f} CPU; {common.load()}")
+  for k in ("lora", "lora_merged"):
+    print(f"RATIO {k} / full step time = {common.med(times[k]) / common.med(times['full']):.2f} wall, "
+          f"{common.med(cpu[k]) / common.med(cpu['full']):.2f} CPU")
+  print(common.load())
 
 
 if __name__ == "__main__":
