@@ -74,6 +74,8 @@ def config() -> ml_collections.ConfigDict:
       ptx_batch_size=8))  # ptx rows per iteration
   cfg.rl.opt.schedule = "constant"
   cfg.rl.train.log_every = 1
+  cfg.rl_reward = "rm"  # RL's reward: the trained RM, or "oracle" (the exact-answer check x pipeline.ORACLE_SCALE:
+  #                       RL from a verifiable reward; the RM is still trained and evaluated)
   cfg.ppo = ppo.ppo_config()  # the PPO knobs: --config.ppo.group_size=1 (critic), --config.ppo.ptx_coef=0.05 ...
   cfg.ppo.group_size = 4  # RLOO: leave-one-out baseline over 4 samples per prompt, no value network
   cfg.ppo.rollout_batch = 16  # 4 prompts x group_size per iteration
@@ -140,7 +142,8 @@ def train_stages(cfg, workdir: str, paths: dict) -> tuple[dict, dict]:
                                               "max_responses": cfg.reward.data.max_responses or task_cfg.num_candidates},
        "train": {**cfg.reward.train, "init_from": dirs["sft"]}})), dirs["reward"])
   ppo.run(pipeline.ppo_stage_config(cfg, {**dirs, "ppo": dirs["rl"]}, paths), dirs["rl"],
-          extra_metrics=pipeline.oracle_metrics)
+          extra_metrics=pipeline.oracle_metrics,
+          reward_fn=pipeline.oracle_reward if cfg.rl_reward == "oracle" else None)
   return dirs, paths
 
 
@@ -175,6 +178,8 @@ def evaluate_stages(cfg, workdir: str, dirs: dict, paths: dict) -> dict:
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) every stage, evaluates every policy on held-out prompts, writes results.json and report.md."""
   t0 = time.perf_counter()
+  if cfg.rl_reward not in ("rm", "oracle"):
+    raise ValueError(f"config rl_reward={cfg.rl_reward!r}; expected 'rm' or 'oracle'")
   check_source(cfg.init_from)
   os.makedirs(workdir, exist_ok=True)
   paths = _task_data(cfg, workdir)

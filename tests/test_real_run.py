@@ -107,3 +107,11 @@ def test_missing_checkpoint_says_how_to_get_it(tmp_path, source, match):
   with pytest.raises(ValueError, match=match):
     real_run.run(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")  # nothing written before the check
+
+
+def test_unknown_rl_reward_names_the_field(tmp_path):
+  cfg = real_config.get_config()
+  cfg.init_from, cfg.rl_reward = "gguf:/nonexistent.gguf", "judge"
+  with pytest.raises(ValueError, match=r"config rl_reward='judge'; expected 'rm' or 'oracle'"):
+    real_run.run(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
