@@ -150,8 +150,7 @@ def run_dpo(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   make = functools.partial(data.make_comparison_loader, tokenizer=tok, seq_len=cfg.data.seq_len,
                            batch_size=cfg.data.batch_size, max_responses=cfg.data.max_responses,
                            truncate_prompt=cfg.data.truncate, workdir=workdir, record_values=record_values,
-                           process_index=jax.process_index(), process_count=jax.process_count(),
-                           local_device_count=parallel.local_batch_shards(mesh))
+                           **stages.loader_hosts(mesh))
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = None
   if eval_files:

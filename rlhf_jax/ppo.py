@@ -244,7 +244,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   rm_cfg, rm_params, offset = (stages.load_reward_model(cfg.ppo.reward_from) if cfg.ppo.reward_from
                                 else (policy_cfg, None, 0.0))
   check_models(cfg, hyper, mesh, policy_cfg, rm_cfg)
-  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  hosts = stages.loader_hosts()  # this host's index and count (its batch shards: per loader)
   prompt_loader = data.make_prompt_loader(prompt_files, tok, cfg.data.prompt_len,
                                           cfg.ppo.rollout_batch // hyper.group_size,
                                           cfg.data.seed, workdir, truncate_prompt=cfg.data.truncate,
@@ -254,7 +254,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, extra_metrics: Callable[[l
   if ptx_files:
     ptx_loader = data.make_lm_loader(ptx_files, tok, cfg.data.ptx_seq_len, cfg.data.ptx_batch_size, cfg.data.seed,
                                      workdir, batch_field="data.ptx_batch_size",
-                                     local_device_count=parallel.local_batch_shards(mesh), **hosts)
+                                     **stages.loader_hosts(mesh))
     if parallel.check_divisible(cfg.data.ptx_batch_size, "config data.ptx_batch_size", mesh) % hyper.minibatches:
       raise ValueError(f"config data.ptx_batch_size={cfg.data.ptx_batch_size}: rows per batch shard must be "
                        f"divisible by ppo.minibatches={hyper.minibatches}")

@@ -41,7 +41,7 @@ def lm_data_config(seq_len: int = 128, batch_size: int = 16) -> ml_collections.C
   return d
 
 
-def _hosts(mesh=None) -> dict:
+def loader_hosts(mesh=None) -> dict:
   """Loader keywords: this host's index and count, and (with a mesh) the batch shards its rows must divide by."""
   out = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if mesh is not None:
@@ -83,7 +83,7 @@ def run_lm(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
   else:
     make = functools.partial(data.make_sft_loader, truncate_prompt=cfg.data.truncate)
   make = functools.partial(make, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
-                           batch_size=cfg.data.batch_size, workdir=workdir, **_hosts(mesh))
+                           batch_size=cfg.data.batch_size, workdir=workdir, **loader_hosts(mesh))
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
   install_tokenizer(init.tokenizer, workdir)
@@ -197,7 +197,7 @@ def run_reward(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   lo = lora_run(cfg, workdir, init, spec)
   make = functools.partial(data.make_comparison_loader, tokenizer=init.tokenizer, seq_len=cfg.data.seq_len,
                            batch_size=cfg.data.batch_size, max_responses=cfg.data.max_responses,
-                           truncate_prompt=cfg.data.truncate, workdir=workdir, **_hosts(mesh))
+                           truncate_prompt=cfg.data.truncate, workdir=workdir, **loader_hosts(mesh))
   train_loader = make(train_files, seed=cfg.data.seed)
   eval_fn = _eval_fn(make, eval_files, cfg.train.eval_batches)
   install_tokenizer(init.tokenizer, workdir)
