@@ -313,7 +313,9 @@ class Transformer(nn.Module):
     a PPO forward needs logits at the response slots, the sampler's prefill at the last one. Decode leaves the
     activations' layout to GSPMD (parallel.unconstrained; the cache has its own constraint)."""
     cfg = self.cfg
-    with parallel.unconstrained() if decode else contextlib.nullcontext():
+    layout = (parallel.decode_layout() if tokens_BxL.shape[1] == 1 else parallel.unconstrained()) if decode \
+        else contextlib.nullcontext()
+    with layout:
       if tokens_BxL.shape[1] > cfg.max_len:
         raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds TransformerConfig.max_len={cfg.max_len}")
       if segment_ids_BxL is None:

@@ -146,23 +146,40 @@ def check_model(model_cfg, mesh: Mesh, where: str = "config model") -> None:
       raise ValueError(f"{where}.{name}={value} is not divisible by config mesh.{axis}={size}")
 
 
+# The KV-cache decode step's activations (one token per row: tiny next to the weights): weight-stationary, the model
+# width split over fsdp like the kernels' "embed", the batch over data only, so each matmul contracts its local
+# share of the weights and all-reduces the small activations instead of all-gathering the weights (which XLA
+# hoists out of the token loop as every layer's full weights).
+DECODE_ACTIVATION_RULES = (
+    ("activation_batch", "data"),
+    ("activation_length", None),
+    ("activation_embed", "fsdp"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
 _TABLE = dict(RULES + ACTIVATION_RULES)
+_DECODE_TABLE = dict(RULES + DECODE_ACTIVATION_RULES)
 
 
-def _mesh_axis(logical: str | None):
-  if logical is not None and logical not in _TABLE:
+def _mesh_axis(logical: str | None, table: dict | None = None):
+  table = _TABLE if table is None else table
+  if logical is not None and logical not in table:
     raise ValueError(f"logical axis {logical!r} has no rule in parallel.RULES or ACTIVATION_RULES "
-                     f"({list(_TABLE)})")
-  return _TABLE.get(logical) if logical is not None else None
+                     f"({list(table)})")
+  return table.get(logical) if logical is not None else None
 
 
-def mesh_spec(logical_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def mesh_spec(logical_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, table: dict | None = None
+              ) -> PartitionSpec:
   """The mesh PartitionSpec of an array of `shape` with logical names `logical_spec` (via `RULES` and
   `ACTIVATION_RULES`); a dimension its mesh axes do not divide, or a mesh axis already used by an earlier
   dimension, is replicated (a tuple of mesh axes, e.g. the batch shards, counts as one: all or none)."""
   out, used = [], set()
   for logical, dim in zip(tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec)), shape):
-    axis = _mesh_axis(logical)
+    axis = _mesh_axis(logical, table)
     axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
     size = int(np.prod([mesh.shape[a] for a in axes]))
     if not axes or used & set(axes) or size == 1 or dim % size:
@@ -283,29 +300,39 @@ def local_rows(tree: Any) -> Any:
 # ------------------------------------------------------------------------------------------ compiled functions
 
 
-_ACTIVE_MESH: list[Mesh | None] = []  # the mesh `jit` is tracing a function over (innermost last; None: off)
+_ACTIVE: list[tuple[Mesh, dict] | None] = []  # (mesh, rule table) `jit` traces over (innermost last; None: off)
 
 
 @contextlib.contextmanager
-def unconstrained():
-  """Within it `constrain` leaves activations to GSPMD (the KV-cache decode path: weights stay fsdp-split rather
-  than all-gathered, which XLA would hoist out of the token loop as every layer's full weights)."""
-  _ACTIVE_MESH.append(None)
+def _active(entry):
+  _ACTIVE.append(entry)
   try:
     yield
   finally:
-    _ACTIVE_MESH.pop()
+    _ACTIVE.pop()
+
+
+def unconstrained():
+  """Within it `constrain` leaves activations to GSPMD (the sampler's prefill)."""
+  return _active(None)
+
+
+def decode_layout():
+  """Within it `constrain` lays activations out by DECODE_ACTIVATION_RULES (the KV-cache decode step)."""
+  top = _ACTIVE[-1] if _ACTIVE else None
+  return _active(None if top is None else (top[0], _DECODE_TABLE))
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """`x` pinned to the layout its logical dimension names give (`ACTIVATION_RULES`, via `mesh_spec`: a dimension
-  its mesh axes do not divide stays replicated) while `jit` traces over a mesh of more than one device; unchanged
-  otherwise (plain jax.jit, eager calls, one device, `unconstrained`). Names past `logical_axes` are None."""
-  if not _ACTIVE_MESH or _ACTIVE_MESH[-1] is None or _ACTIVE_MESH[-1].size == 1:
+  """`x` pinned to the layout its logical dimension names give (`ACTIVATION_RULES`, or DECODE_ACTIVATION_RULES
+  under `decode_layout`, via `mesh_spec`: a dimension its mesh axes do not divide stays replicated) while `jit`
+  traces over a mesh of more than one device; unchanged otherwise (plain jax.jit, eager calls, one device,
+  `unconstrained`). Names past `logical_axes` are None."""
+  if not _ACTIVE or _ACTIVE[-1] is None or _ACTIVE[-1][0].size == 1:
     return x
-  mesh = _ACTIVE_MESH[-1]
+  mesh, table = _ACTIVE[-1]
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_spec(PartitionSpec(*logical_axes),
-                                                                           np.shape(x), mesh)))
+                                                                           np.shape(x), mesh, table)))
 
 
 def _mesh_of(shardings: Any) -> Mesh | None:
@@ -330,27 +357,27 @@ def jit(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argnums: Seq
 
   @functools.wraps(fn)
   def traced(*args, **kwargs):
-    _ACTIVE_MESH.append(mesh)
-    try:
+    with _active((mesh, _TABLE)):
       return fn(*args, **kwargs)
-    finally:
-      _ACTIVE_MESH.pop()
 
   return jax.jit(traced, **jit_kw)
 
 
 def cache_constraint(mesh: Mesh) -> Callable[[Any], Any]:
   """A function pinning a KV cache (model.init_cache's tree) inside a jitted sampler: keys/values
-  (B, K, E|S, S|E) over batch shards and kv heads, segment ids (B, S) over batch shards, the index replicated."""
+  (B, K, E|S, S|E) over batch shards and kv heads, segment ids (B, S) over batch shards, the index replicated;
+  under scan_layers each leaf has a leading layer axis, kept whole."""
   batch = BATCH_AXES if batch_shards(mesh) > 1 else None
 
   def spec(x):
     shape = np.shape(x)
+    lead = (None,) if len(shape) in (5, 3) else ()  # scan_layers: every leaf stacked on a leading layer axis
+    shape = shape[len(lead):]
     if len(shape) == 4:
       kv = "tensor" if mesh.shape["tensor"] > 1 and shape[1] % mesh.shape["tensor"] == 0 else None
-      return PartitionSpec(batch if shape[0] % batch_shards(mesh) == 0 else None, kv)
+      return PartitionSpec(*lead, batch if shape[0] % batch_shards(mesh) == 0 else None, kv)
     if len(shape) == 2:
-      return PartitionSpec(batch if shape[0] % batch_shards(mesh) == 0 else None)
+      return PartitionSpec(*lead, batch if shape[0] % batch_shards(mesh) == 0 else None)
     return PartitionSpec()
 
   def constrain(cache):
